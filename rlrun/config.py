@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 class ConsoleLoggerConfig:
     enabled: bool = False
     # Metrics shown on the console line; empty shows every metric of the step.
-    keys: list[str] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=list)
 
 
 @dataclass

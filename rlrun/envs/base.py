@@ -1,0 +1,73 @@
+"""The environment interface: prompts, and one or more named reward functions.
+
+Adding an environment:
+
+    # mypkg/my_env.py
+    from rlrun.envs.base import Environment, Example
+
+    class MyEnv(Environment):
+        name = "my_env"
+
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self.reward_fns = {"correct": self.correct, "short": self.short}
+
+        def sample(self, rng, n, split="train"):
+            return [Example(prompt=..., answer=..., info={}) for _ in range(n)]
+
+        def correct(self, completion, example): ...   # -> float
+        def short(self, completion, example): ...     # -> float
+
+then register it in `rlrun/envs/__init__.py`: `ENVIRONMENTS["my_env"] = "mypkg.my_env:MyEnv"`
+and add `conf/task/my_env.yaml` (`name: my_env`). `task.reward_weights.<fn>` weighs each
+function in the total `reward` (default 1.0). Environments are constructed in the env-worker
+processes too, so keep their module imports light (no torch).
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+RewardFn = Callable[[str, "Example"], float]
+
+
+@dataclass
+class Example:
+    prompt: str  # the text the policy sees (tokenized by rlrun.model.encode_prompt)
+    answer: str  # the reference the reward functions compare against
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Environment(ABC):
+    name: str = ""
+    reward_fns: dict[str, RewardFn]
+
+    def __init__(self, cfg: Any):
+        """`cfg` is the `task` config node (rlrun.config.TaskConfig)."""
+        self.cfg = cfg
+        self.reward_weights: dict[str, float] = dict(getattr(cfg, "reward_weights", None) or {})
+
+    @abstractmethod
+    def sample(self, rng: random.Random, n: int, split: str = "train") -> list[Example]:
+        """`n` examples; `split="eval"` gives the fixed held-out set, always in the same order."""
+
+    def score(self, completion: str, example: Example) -> dict[str, float]:
+        """Each named reward, plus `reward`: their sum weighted by `task.reward_weights`."""
+        if "reward" in self.reward_fns:
+            raise ValueError(f"{type(self).__name__}: a reward function may not be named 'reward'")
+        unknown = set(self.reward_weights) - set(self.reward_fns)
+        if unknown:
+            raise ValueError(f"task.reward_weights names unknown reward functions {sorted(unknown)}; "
+                             f"{self.name} has {sorted(self.reward_fns)}")
+        scores = {name: float(fn(completion, example)) for name, fn in self.reward_fns.items()}
+        scores["reward"] = sum(self.reward_weights.get(name, 1.0) * value for name, value in scores.items())
+        return scores
+
+    @property
+    def library_loggers(self) -> list[str]:
+        """Stdlib loggers of the environment's own code, set to `env_workers.env_level` in workers."""
+        return [type(self).__module__.split(".")[0]]

@@ -1,0 +1,25 @@
+"""The inference job: serves the policy over an OpenAI/vLLM-compatible HTTP API.
+
+- `engine.py`: batched sampling with a KV cache and exact per-token logprobs (torch).
+- `server.py`: `/v1/completions`, `/v1/models`, `/health`, `/update_weights` on stdlib HTTP.
+- `client.py`: what the orchestrator uses to talk to it (or to vLLM); imports no torch.
+- `__main__.py`: `python -m rlrun.inference --config <run>/config.yaml`.
+
+Importing this package imports nothing heavy; import the submodules you need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class Completion:
+    """One sampled completion, as the engine produces it and the client parses it back."""
+
+    token_ids: list[int]  # sampled tokens; EOS included when it stopped the sequence
+    logprobs: list[float]  # log p(token) under softmax(logits / temperature)
+    finish_reason: Literal["stop", "length"]
+    # Per position, the most likely (token id, logprob) pairs, when asked for.
+    top_logprobs: list[list[tuple[int, float]]] | None = None

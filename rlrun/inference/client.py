@@ -1,0 +1,120 @@
+"""Client of the inference job, for rlrun's local server and for vLLM's OpenAI server.
+
+Prompts go out as token ids and completions come back as token ids with their logprobs
+(`return_tokens_as_token_ids`, a vLLM extension the local server also speaks), so no text
+ever round-trips through a tokenizer between sampling and training. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from rlrun.inference import Completion
+
+_TOKEN_ID_PREFIX = "token_id:"
+
+
+class InferenceError(RuntimeError):
+    """The server answered with an error (the message carries its status and text)."""
+
+
+class InferenceClient:
+    def __init__(self, base_url: str, timeout: float = 300.0, model: str | None = None):
+        """`base_url` like `http://127.0.0.1:8000` (no `/v1`); `model` defaults to the served one."""
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self._model = model
+        self._session = requests.Session()  # keep-alive: one connection for the whole run
+
+    # ------------------------------------------------------------ plumbing
+
+    def _request(self, method: str, path: str, timeout: float | None = None, **kwargs: Any) -> dict[str, Any]:
+        response = self._session.request(method, self.base_url + path, timeout=timeout or self.timeout, **kwargs)
+        if response.status_code != 200:
+            try:
+                message = response.json()["error"]["message"]
+            except Exception:
+                message = response.text[:500]
+            raise InferenceError(f"{method} {path} -> {response.status_code}: {message}")
+        return response.json()
+
+    def close(self) -> None:
+        self._session.close()
+
+    # ------------------------------------------------------------ endpoints
+
+    def health(self, timeout: float = 5.0) -> dict[str, Any]:
+        return self._request("GET", "/health", timeout=timeout)
+
+    def wait_healthy(self, timeout_s: float, proc=None) -> dict[str, Any]:
+        """Poll `/health` until it answers; raise if `proc` (a Popen) exits or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"inference server exited with code {proc.returncode} before becoming healthy")
+            try:
+                return self.health(timeout=2.0)
+            except (requests.ConnectionError, requests.Timeout, InferenceError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"inference server at {self.base_url} not healthy after {timeout_s:.0f}s")
+            time.sleep(0.1)
+
+    @property
+    def model(self) -> str:
+        """The served model's name (vLLM requires it in every request)."""
+        if self._model is None:
+            self._model = self._request("GET", "/v1/models")["data"][0]["id"]
+        return self._model
+
+    def complete(
+        self,
+        prompt_ids: list[list[int]],
+        n: int,
+        max_tokens: int,
+        temperature: float,
+        seed: int | None = None,
+    ) -> list[list[Completion]]:
+        """`n` completions per prompt: result[i][j] is prompt i's j-th completion."""
+        body: dict[str, Any] = {
+            "model": self.model,
+            "prompt": prompt_ids,
+            "n": n,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "logprobs": 0,  # the sampled token's logprob only
+            "return_tokens_as_token_ids": True,
+        }
+        if seed is not None:
+            body["seed"] = seed
+        choices = sorted(self._request("POST", "/v1/completions", json=body)["choices"], key=lambda c: c["index"])
+        if len(choices) != len(prompt_ids) * n:
+            raise InferenceError(f"expected {len(prompt_ids) * n} choices, got {len(choices)}")
+        completions = [_parse_choice(choice) for choice in choices]
+        # Choices are prompt-major: prompt i's completions are i*n .. i*n+n-1.
+        return [completions[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
+
+    def update_weights(self, path: str | Path) -> dict[str, Any]:
+        """Tell the server to load weights written by `rlrun.model.save_weights`."""
+        return self._request("POST", "/update_weights", json={"path": str(path)})
+
+
+def _parse_choice(choice: dict[str, Any]) -> Completion:
+    logprobs = choice.get("logprobs") or {}
+    tokens = logprobs.get("tokens")
+    if tokens is None:
+        raise InferenceError("the server returned no logprobs")
+    token_ids = []
+    for token in tokens:
+        if not token.startswith(_TOKEN_ID_PREFIX):
+            raise InferenceError(f"token {token!r} is not rendered as an id (return_tokens_as_token_ids ignored?)")
+        token_ids.append(int(token[len(_TOKEN_ID_PREFIX) :]))
+    return Completion(
+        token_ids=token_ids,
+        logprobs=[float(lp) for lp in logprobs["token_logprobs"]],
+        finish_reason=choice.get("finish_reason") or "length",
+    )

@@ -1,0 +1,255 @@
+"""The policy model: build the tiny one, load any HF causal LM, and pass weights around.
+
+- `build_tiny_model`: a small Llama-architecture causal LM with a character-level tokenizer,
+  saved as an ordinary Hugging Face model directory, so that `load_model` reads it with the
+  same code as any hub model (`model=tiny` and `model=hf` share one path).
+- `encode_prompt`: the one way every job turns prompt text into token ids (`[bos] + text`).
+- `save_weights` / `load_weights`: the weights hand-over from trainer to inference, one
+  `model.safetensors` per directory, written to a temporary name and renamed into place.
+
+Importing this module imports torch and transformers; jobs that must stay light (the env
+workers, `--cfg job`) never import it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    from rlrun.config import ModelConfig
+
+WEIGHTS_FILE = "model.safetensors"
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
+# Printable ASCII (space .. '~') plus newline and tab: one token per character.
+BASE_CHARS = "".join(chr(i) for i in range(32, 127)) + "\n\t"
+
+
+# ---------------------------------------------------------------- the tiny model
+
+
+def build_tokenizer(alphabet_extra: str = ""):
+    """A character-level tokenizer: every character is one token, decoding joins them as-is.
+
+    A BPE model with no merges splits text into single characters (unknown ones become
+    `<unk>`); no pre-tokenizer or normalizer touches spaces, and the `Fuse` decoder
+    concatenates tokens, so `decode(encode(s)) == s`. The post-processor adds `<s>` in
+    front (like Llama's tokenizers), which `encode_prompt` relies on not happening twice.
+    """
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(dict.fromkeys(BASE_CHARS + alphabet_extra))  # keep order, drop repeats
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *chars])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        add_bos_token=True,  # explicit: the saved post-processor prepends <s>
+        add_eos_token=False,
+        clean_up_tokenization_spaces=False,
+        model_max_length=64,
+    )
+
+
+def build_tiny_model(out_dir: str | Path, cfg: "ModelConfig", seed: int, alphabet_extra: str = "") -> Path:
+    """Build the tiny Llama and its tokenizer, initialised from `seed`, into `out_dir`.
+
+    The directory appears complete or not at all (built under a temporary name, renamed).
+    """
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer(alphabet_extra)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    _replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def resolve_model_path(cfg: "ModelConfig", run_dir: str | Path, seed: int, alphabet_extra: str = "") -> Path:
+    """Where the policy lives: `<run_dir>/model` for `tiny` (built once), `model.path` for `hf`."""
+    if cfg.name == "tiny":
+        path = Path(run_dir) / "model"
+        if not (path / "config.json").is_file():
+            build_tiny_model(path, cfg, seed, alphabet_extra)
+        return path
+    if not cfg.path:
+        raise ValueError("model.path is required with model=hf")
+    return Path(str(cfg.path)).expanduser()
+
+
+# ---------------------------------------------------------------- loading any causal LM
+
+
+def _looks_local(path: str) -> bool:
+    """A hub id is `name` or `org/name`; anything else (absolute, ./, ~, deeper) is a directory."""
+    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
+
+
+def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
+    """Load `(model, tokenizer)` from a model directory or hub id; the model is in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # progress bars would litter the job logs
+
+    name = str(path)
+    if (isinstance(path, Path) or _looks_local(name)) and not Path(name).expanduser().exists():
+        raise FileNotFoundError(f"model path does not exist: {name}")
+    if Path(name).expanduser().exists():
+        name = str(Path(name).expanduser())
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(
+        name, dtype=dtype if dtype == "auto" else getattr(torch, dtype), trust_remote_code=trust_remote_code
+    )
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Prompt text -> `[bos] + ids(text)`; the single place prompts are tokenized.
+
+    The tokenizer's own special tokens are turned off, so BOS is never added twice; models
+    without a BOS token (e.g. Qwen) get just the text ids.
+    """
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    bos = tokenizer.bos_token_id
+    return ids if bos is None else [bos, *ids]
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """Every token id that ends a completion (the tokenizer's EOS and the generation config's)."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if gen_eos is not None:
+        ids.update(int(i) for i in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]))
+    return ids
+
+
+# ---------------------------------------------------------------- the weights hand-over
+
+
+def _alias_groups(state: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Names in `state` that share one storage (tied weights), in state-dict order."""
+    groups: dict[tuple[int, int, tuple], list[str]] = {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        groups.setdefault(key, []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def save_weights(model: torch.nn.Module, out_dir: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write `model.state_dict()` to `<out_dir>/model.safetensors`, atomically.
+
+    Tied tensors are stored once (safetensors refuses shared storage); `load_weights` puts
+    them back. Written under `<out_dir>.tmp` and renamed, so a reader never sees half of it.
+    """
+    model = getattr(model, "module", model)  # DDP-wrapped or not
+    state = model.state_dict()
+    for names in _alias_groups(state):
+        for alias in names[1:]:
+            del state[alias]
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
+    _replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> dict[str, Any]:
+    """Load weights written by `save_weights` into `model` in place (strict).
+
+    `path` is the directory or the file itself. Missing names are only tolerated where the
+    model ties them to a name that is present; any other missing or unexpected name, or a
+    wrong shape, raises (a checkpoint of another architecture never loads silently).
+    Returns the file's metadata.
+    """
+    from safetensors import safe_open
+
+    file = Path(path)
+    if file.is_dir():
+        file = file / WEIGHTS_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"no weights file: {file}")
+    tensors = load_file(str(file))
+    with safe_open(str(file), framework="pt") as f:
+        metadata = f.metadata() or {}
+    model = getattr(model, "module", model)
+    expected = model.state_dict()
+    for names in _alias_groups(expected):
+        present = [n for n in names if n in tensors]
+        if present:
+            for alias in names:
+                tensors.setdefault(alias, tensors[present[0]])
+    # Check everything first: load_state_dict would copy the fitting tensors before raising,
+    # leaving a half-updated model behind.
+    problems = [f"missing {k}" for k in expected.keys() - tensors.keys()]
+    problems += [f"unexpected {k}" for k in tensors.keys() - expected.keys()]
+    problems += [
+        f"size mismatch for {k}: {tuple(tensors[k].shape)} in the file, {tuple(v.shape)} in the model"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
+    if problems:
+        raise RuntimeError(f"weights in {file} do not fit the model: " + "; ".join(sorted(problems)[:5]))
+    model.load_state_dict(tensors, strict=True)
+    return metadata
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished directory `src` to `dst`, replacing an old `dst` with one rename."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if dst.exists():
+        old = dst.with_name(f"{dst.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,343 @@
+"""MLflow backend: batched metrics, params, sample tables and distribution artifacts.
+
+Trainer and orchestrator share ONE MLflow run (the parent creates it with `ensure_run`
+and hands the id to the jobs); each job's metric keys carry a `<job>/` prefix.
+
+Everything goes through an explicit `MlflowClient` (never the fluent, process-global API),
+so several backends in one process cannot step on each other.
+
+Re-delivery (the writer thread retries a call that raised) is harmless:
+- metrics keep the caller's timestamp, and MLflow drops rows identical in
+  (key, step, timestamp, value), so a resent batch adds nothing;
+- params already on the run with the same value are skipped (differing ones are
+  skipped with a warning: MLflow forbids changing a param);
+- a sample table whose earlier attempt may have reached the store is checked before
+  appending again; distribution statistics reuse the first attempt's timestamp and
+  histogram artifacts are overwritten.
+
+NaN and +/-inf metric values are sent as they are: MLflow stores NaN as NaN and clamps
++/-inf to +/-1.7976931348623157e308 (both the SQLite store and the REST server).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import time as _time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd  # an mlflow dependency; log_table takes its tables
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+
+from rlrun.tracking.base import Backend, MetricPoint, TrackerContext
+
+try:  # a private module; the fallbacks are MLflow's documented limits
+    from mlflow.utils.validation import (
+        MAX_ENTITY_KEY_LENGTH,
+        MAX_METRICS_PER_BATCH,
+        MAX_PARAM_VAL_LENGTH,
+        MAX_PARAMS_TAGS_PER_BATCH,
+    )
+except ImportError:
+    MAX_ENTITY_KEY_LENGTH, MAX_METRICS_PER_BATCH = 250, 1000
+    MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH = 6000, 100
+
+log = logging.getLogger(__name__)
+
+# The MLflow HTTP client retries a failing request for minutes by default (7 retries with
+# exponential backoff, 120 s timeout), which would stall our writer thread; our delivery
+# layer retries with its own backoff instead. MLflow reads these per request; a value the
+# user set wins.
+_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # no tqdm bars from a background thread
+}
+
+
+def _limit_http_retries() -> None:
+    for name, value in _HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
+_limit_http_retries()
+
+DISTRIBUTION_STATS = ("p5", "p50", "p95", "mean", "std", "min", "max")
+HISTOGRAM_BINS = 30
+
+# ---------------------------------------------------------------- run and experiment
+
+
+def resolve_tracking_uri(cfg: Any) -> str:
+    """`cfg.tracking_uri`, else $MLFLOW_TRACKING_URI, else a SQLite store at ./outputs/mlflow.db.
+
+    The parent should resolve this once and hand the result to its jobs (their working
+    directory may differ, which would move the cwd-relative default).
+    """
+    uri = getattr(cfg, "tracking_uri", None) or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return str(uri)
+    return f"sqlite:///{Path('outputs').resolve() / 'mlflow.db'}"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    path = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else ""
+    return Path(path) if path and path != ":memory:" else None
+
+
+def _client(uri: str) -> Any:
+    """A client for `uri`; a local SQLite store's directory is created first."""
+    _limit_http_retries()
+    if (db := _sqlite_path(uri)) is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def _local_artifact_location(uri: str, experiment_name: str) -> str | None:
+    """Artifacts of experiments we create next to a local SQLite store; servers decide their own."""
+    db_path = _sqlite_path(uri)
+    if db_path is None:
+        return None
+    safe_name = re.sub(r"[^\w.-]", "_", experiment_name) or "default"
+    return str(db_path.resolve().parent / "mlartifacts" / safe_name)
+
+
+def _experiment_id(client: Any, name: str, uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=_local_artifact_location(uri, name))
+        except MlflowException as e:
+            # Another process (the other job, a sweep sibling) created it between our get and create.
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise RuntimeError(f"MLflow experiment {name!r} reported as existing but cannot be read")
+    if experiment.lifecycle_stage == "deleted":
+        raise RuntimeError(
+            f"MLflow experiment {name!r} at {uri} is deleted; restore it "
+            f"(`mlflow experiments restore --experiment-id {experiment.experiment_id}`) "
+            "or choose another logger.mlflow.experiment_name"
+        )
+    return experiment.experiment_id
+
+
+def ensure_run(cfg: Any, ctx: TrackerContext | None = None, tracking_uri: str | None = None) -> str:
+    """Return the MLflow run id to log to, creating experiment and run when needed.
+
+    With `cfg.run_id` set, checks the run exists (MlflowException otherwise) and returns it.
+    Otherwise gets or creates `cfg.experiment_name` and creates a run named `cfg.run_name`
+    (else `ctx.run_name`) with `cfg.tags`. The parent calls this once, before starting the
+    jobs, so that they all share one run.
+    """
+    uri = tracking_uri or resolve_tracking_uri(cfg)
+    client = _client(uri)
+    run_id = getattr(cfg, "run_id", None)
+    if run_id:
+        client.get_run(run_id)  # raises RESOURCE_DOES_NOT_EXIST for a wrong id
+        return str(run_id)
+    experiment_id = _experiment_id(client, getattr(cfg, "experiment_name", None) or "rlrun", uri)
+    tags = {str(k): str(v) for k, v in (getattr(cfg, "tags", None) or {}).items()}
+    run_name = getattr(cfg, "run_name", None) or (ctx.run_name if ctx else None)
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    return run.info.run_id
+
+
+# ---------------------------------------------------------------- names
+
+_BAD_KEY_CHARS = re.compile(r"[^\w\-. /:]")
+
+
+def sanitize_key(key: str) -> str:
+    """A metric/param name MLflow accepts: alphanumerics and `_ - . space / :`, no empty,
+    `.` or `..` path segments (MLflow treats names as paths), at most 250 characters."""
+    key = _BAD_KEY_CHARS.sub("_", str(key))
+    parts = [p for p in key.split("/") if p]
+    parts = ["_" * len(p) if p in (".", "..") else p for p in parts]
+    key = "/".join(parts)[:MAX_ENTITY_KEY_LENGTH].rstrip("/")
+    return key or "_"
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _json_cell(value: Any) -> Any:
+    return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
+
+
+class MlflowBackend(Backend):
+    name = "mlflow"
+    max_batch_metrics = MAX_METRICS_PER_BATCH  # 1000: one log_batch request per delivery
+
+    def __init__(self, cfg: Any, ctx: TrackerContext) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        self.tracking_uri = resolve_tracking_uri(cfg)
+        self.run_id: str | None = ctx.extra.get("mlflow_run_id") or getattr(cfg, "run_id", None)
+        self.job = sanitize_key(ctx.job) if ctx.job else ""
+        self.prefix = f"{self.job}/" if self.job else ""
+        self._client: Any = None
+        self._keys: dict[str, str] = {}  # metric name -> MLflow key (prefixed, sanitized)
+        self._skipped: set[str] = set()  # keys already warned about (non-numeric values)
+        self._uncertain_tables: set[str] = set()  # table files whose last attempt raised midway
+        self._stat_times: dict[tuple[str, int], int] = {}  # (name, step) -> first attempt's ms
+
+    # ------------------------------------------------------------ lifecycle
+
+    def open(self) -> None:
+        if self._client is None:
+            self._client = _client(self.tracking_uri)
+        if self.run_id is None:
+            self.run_id = ensure_run(self.cfg, self.ctx, tracking_uri=self.tracking_uri)
+        else:
+            self._client.get_run(self.run_id)  # a wrong id fails here, not on the first batch
+
+    def run_identity(self) -> dict[str, str]:
+        identity = {"mlflow_tracking_uri": self.tracking_uri}
+        if self.run_id:
+            identity["mlflow_run_id"] = self.run_id
+        return identity
+
+    def finish(self) -> None:
+        # The parent owns the run's lifecycle (several jobs log to it); standalone users
+        # set ctx.extra["mlflow_end_run"] so the run is marked FINISHED here.
+        if self.ctx.extra.get("mlflow_end_run") and self._client is not None and self.run_id:
+            self._client.set_terminated(self.run_id, status="FINISHED")
+
+    # ------------------------------------------------------------ metrics
+
+    def _key(self, name: str) -> str:
+        key = self._keys.get(name)
+        if key is None:
+            key = self._keys[name] = sanitize_key(self.prefix + name)
+        return key
+
+    def _metric(self, name: str, value: Any, timestamp_ms: int, step: int) -> Metric | None:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            if name not in self._skipped:
+                self._skipped.add(name)
+                log.warning("mlflow: metric %r has a non-numeric value %r; skipping it", name, value)
+            return None
+        return Metric(self._key(name), number, timestamp_ms, int(step))
+
+    def _send_metrics(self, metrics: list[Metric]) -> None:
+        # synchronous=True: errors must reach our retry layer even if async logging is enabled.
+        for chunk in _chunks(metrics, self.max_batch_metrics):
+            self._client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+
+    def log_metrics(self, metrics: dict[str, float], step: int, time: float) -> None:
+        self.log_metrics_batch([MetricPoint(step, metrics, time)])
+
+    def log_metrics_batch(self, points: list[MetricPoint]) -> None:
+        out = []
+        for point in points:
+            ms = int(point.time * 1000)
+            for name, value in point.metrics.items():
+                metric = self._metric(name, value, ms, point.step)
+                if metric is not None:
+                    out.append(metric)
+        self._send_metrics(out)
+
+    # ------------------------------------------------------------ params
+
+    def log_hyperparams(self, params: dict[str, Any]) -> None:
+        wanted: dict[str, str] = {}
+        for key, value in params.items():
+            wanted[sanitize_key(key)] = str(value)[:MAX_PARAM_VAL_LENGTH]
+        # Params are write-once in MLflow: on resume (or a retry after a partial batch) they
+        # are already there. Log only what is missing; never try to change a value.
+        existing = self._client.get_run(self.run_id).data.params
+        changed = sorted(k for k, v in wanted.items() if k in existing and existing[k] != v)
+        if changed:
+            log.warning(
+                "mlflow: run %s already has other values for %d params (%s); keeping the logged ones",
+                self.run_id,
+                len(changed),
+                ", ".join(changed[:5]) + (", ..." if len(changed) > 5 else ""),
+            )
+        new = [Param(k, v) for k, v in wanted.items() if k not in existing]
+        for chunk in _chunks(new, MAX_PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=chunk, synchronous=True)
+
+    # ------------------------------------------------------------ samples
+
+    def _table_already_has(self, artifact_file: str, table: dict[str, list[Any]]) -> bool:
+        """Did an earlier, failed attempt already append exactly these rows to the table?"""
+        directory = artifact_file.rsplit("/", 1)[0]
+        if artifact_file not in {f.path for f in self._client.list_artifacts(self.run_id, directory)}:
+            return False
+        with tempfile.TemporaryDirectory() as tmp:
+            path = self._client.download_artifacts(self.run_id, artifact_file, tmp)
+            stored = json.loads(Path(path).read_text())
+        # Compare in the layout log_table writes (pandas, orient="split").
+        ours = json.loads(pd.DataFrame(table).to_json(orient="split", index=False, date_format="iso"))
+        tail = stored.get("data", [])[-len(ours["data"]) :]
+        return stored.get("columns") == ours["columns"] and tail == ours["data"]
+
+    def _mark_table(self, artifact_file: str) -> None:
+        """Tag the file as a table artifact, as log_table does, so the UI shows it as one."""
+        tags = self._client.get_run(self.run_id).data.tags
+        logged = json.loads(tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+        entry = {"path": artifact_file, "type": "table"}
+        if entry not in logged:
+            self._client.set_tag(self.run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps([*logged, entry]))
+
+    def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        if not rows:
+            return
+        rows = [{"step": step, **row} for row in rows]  # a row's own "step" wins
+        columns = dict.fromkeys(key for row in rows for key in row)
+        table = {c: [_json_cell(row.get(c)) for row in rows] for c in columns}
+        stem = f"{self.job}_step_{step:06d}" if self.job else f"step_{step:06d}"
+        artifact_file = f"samples/{stem}.json"
+        # log_table appends to an existing file, so a retry after an attempt that uploaded
+        # the file but failed later (setting the run tag) would duplicate the rows.
+        if artifact_file in self._uncertain_tables and self._table_already_has(artifact_file, table):
+            self._mark_table(artifact_file)  # log_table's last step, which that attempt missed
+            self._uncertain_tables.discard(artifact_file)
+            return
+        self._uncertain_tables.add(artifact_file)
+        self._client.log_table(self.run_id, data=table, artifact_file=artifact_file)
+        self._uncertain_tables.discard(artifact_file)
+
+    # ------------------------------------------------------------ distributions
+
+    def log_distribution(self, name: str, values: list[float], step: int) -> None:
+        array = np.asarray(values, dtype=np.float64).ravel()
+        finite = array[np.isfinite(array)]
+        if finite.size == 0:
+            log.debug("mlflow: distribution %r at step %d has no finite values; skipped", name, step)
+            return
+        p5, p50, p95 = np.percentile(finite, [5, 50, 95])
+        values = (p5, p50, p95, finite.mean(), finite.std(), finite.min(), finite.max())
+        # Same timestamp on a retry, so MLflow's dedup of identical rows applies.
+        ms = self._stat_times.setdefault((name, step), int(_time.time() * 1000))
+        self._send_metrics(
+            [Metric(self._key(f"{name}/{s}"), float(v), ms, int(step)) for s, v in zip(DISTRIBUTION_STATS, values)]
+        )
+
+        counts, edges = np.histogram(finite, bins=HISTOGRAM_BINS)
+        histogram = {
+            "name": name,
+            "step": int(step),
+            "bin_edges": edges.tolist(),
+            "counts": counts.tolist(),
+            "num_values": int(array.size),
+            "num_nonfinite": int(array.size - finite.size),
+        }
+        path = f"distributions/{self.prefix}{sanitize_key(name)}_step_{step:06d}.json"
+        self._client.log_dict(self.run_id, histogram, path)  # overwrites: a retry is harmless
+        self._stat_times.pop((name, step), None)
+

@@ -1,0 +1,206 @@
+"""Environments, rewards, and the env-worker pool with real worker processes.
+
+This module must not import torch at top level: the worker processes import it to build
+the test environments below.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import sys
+import threading
+import time
+
+import pytest
+
+from rlrun.config import EnvWorkersConfig, TaskConfig
+from rlrun.envs import load_environment
+from rlrun.envs.base import Environment, Example
+from rlrun.envs.reverse_text import ReverseText, lcs_ratio
+from rlrun.envs.workers import EnvWorkerPool
+from rlrun.log import setup_logger
+
+HERE = __name__  # this module's import name, for env_factory ("module:Class")
+
+
+class TwoRewards(Environment):
+    name = "two_rewards"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.reward_fns = {"length": self.length, "has_a": self.has_a}
+
+    def sample(self, rng, n, split="train"):
+        return [Example(prompt="p", answer="", info={}) for _ in range(n)]
+
+    def length(self, completion, example):
+        return float(len(completion))
+
+    def has_a(self, completion, example):
+        return float("a" in completion)
+
+
+class ProbeEnv(ReverseText):
+    """Reports facts about the worker process it runs in, as rewards."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.reward_fns = {
+            "torch_loaded": lambda c, e: float("torch" in sys.modules),
+            "lib_level": lambda c, e: float(logging.getLogger(self.library_loggers[0]).getEffectiveLevel()),
+            "pid": lambda c, e: float(os.getpid()),
+        }
+
+
+class SlowReverse(ReverseText):
+    """ReverseText whose reward takes 50 ms, so a batch is still in flight when a worker is killed."""
+
+    def lcs(self, completion, example):
+        time.sleep(0.05)
+        return super().lcs(completion, example)
+
+
+@pytest.fixture
+def examples():
+    return ReverseText(TaskConfig()).sample(random.Random(1), 37)
+
+
+# ---------------------------------------------------------------- rewards and sampling
+
+
+def test_prompt_format_and_lcs_reward():
+    env = load_environment(TaskConfig())
+    ex = env.sample(random.Random(0), 1)[0]
+    text = ex.info["text"]
+    assert ex.prompt == text + "=" and ex.answer == text[::-1]
+    assert env.score(ex.answer, ex) == {"lcs": 1.0, "reward": 1.0}
+    assert env.score(ex.answer + "</s>", ex)["lcs"] == 1.0  # EOS and trailing newline are not content
+    assert env.score(ex.answer + "\n", ex)["lcs"] == 1.0
+    assert env.score(ex.answer + "</s>garbage", ex)["lcs"] == 1.0  # nothing after EOS counts
+    assert env.score("", ex)["lcs"] == 0.0
+    partial = env.score(ex.answer[:-1] + "Z", ex)["lcs"]
+    assert 0.0 < partial < 1.0
+    assert lcs_ratio("abcd", "abxd") == pytest.approx(2 * 3 / 8)
+    assert lcs_ratio("abc", "XYZ") == 0.0
+
+
+def test_named_rewards_combine_with_weights():
+    env = TwoRewards(TaskConfig(reward_weights={"length": 0.5}))
+    ex = Example("p", "", {})
+    assert env.score("abc", ex) == {"length": 3.0, "has_a": 1.0, "reward": 0.5 * 3.0 + 1.0}
+    assert TwoRewards(TaskConfig()).score("xy", ex)["reward"] == 2.0  # missing names weigh 1
+    with pytest.raises(ValueError, match="typo"):
+        TwoRewards(TaskConfig(reward_weights={"typo": 1.0})).score("x", ex)
+
+
+def test_eval_split_is_fixed_and_held_out():
+    cfg = TaskConfig(num_eval_prompts=16)
+    a, b = ReverseText(cfg), ReverseText(cfg)
+    eval_a = a.sample(random.Random(1), 16, split="eval")
+    assert eval_a == b.sample(random.Random(99), 16, split="eval")
+    assert len(eval_a) == 16 and a.sample(random.Random(1), 4, split="eval") == eval_a[:4]
+    train_1, train_2 = a.sample(random.Random(1), 64), a.sample(random.Random(2), 64)
+    assert train_1 == a.sample(random.Random(1), 64) and train_1 != train_2
+    held_out = {ex.info["text"] for ex in eval_a}
+    assert not held_out & {ex.info["text"] for ex in a.sample(random.Random(3), 3000)}
+    for ex in train_1:
+        assert cfg.min_chars <= len(ex.info["text"]) <= cfg.max_chars and set(ex.info["text"]) <= set(cfg.alphabet)
+    with pytest.raises(ValueError):
+        a.sample(random.Random(0), 1, split="test")
+
+
+# ---------------------------------------------------------------- the worker pool
+
+
+def test_pool_scores_in_order_with_two_workers(examples):
+    env = ReverseText(TaskConfig())
+    completions = [ex.answer[: i % 5] + "x" * (i % 3) for i, ex in enumerate(examples)]
+    with EnvWorkerPool(TaskConfig(), EnvWorkersConfig(num_workers=2), log_dir=None) as pool:
+        assert len(set(pool.pids)) == 2
+        assert pool.score(completions, examples) == [env.score(c, e) for c, e in zip(completions, examples)]
+        assert pool.score([], []) == []
+
+
+def test_workers_are_light_and_set_library_levels(examples):
+    workers = EnvWorkersConfig(num_workers=2, env_level="ERROR")
+    with EnvWorkerPool(TaskConfig(), workers, None, env_factory=f"{HERE}:ProbeEnv") as pool:
+        scores = pool.score(["x"] * 8, examples[:8])
+        assert {s["torch_loaded"] for s in scores} == {0.0}
+        assert {s["lib_level"] for s in scores} == {float(logging.ERROR)}
+        assert {s["pid"] for s in scores} <= {float(p) for p in pool.pids}  # scored in the workers
+        assert float(os.getpid()) not in {s["pid"] for s in scores}
+
+
+def test_worker_file_logs_shared_and_named(tmp_path, examples):
+    log_file = tmp_path / "logs" / "env_workers" / "reverse_text.log"
+    log_file.parent.mkdir(parents=True)
+    log_file.write_text("a previous run\n")
+    workers = EnvWorkersConfig(num_workers=2, file_logs=True, level="DEBUG")
+    with EnvWorkerPool(TaskConfig(), workers, tmp_path / "logs") as pool:
+        pool.score([ex.answer for ex in examples], examples)
+        pids = pool.pids
+    lines = log_file.read_text().splitlines()
+    assert "a previous run" not in lines  # each run starts the file fresh ...
+    for index, pid in enumerate(sorted(pids)):  # ... and every worker appends to it
+        assert any(f"pid={pid} " in line for line in lines)
+    assert any("reverse_text/w0" in line and "ready" in line for line in lines)
+    assert any("reverse_text/w1" in line and "ready" in line for line in lines)
+    assert sum("scored" in line for line in lines) == 2
+
+
+def test_worker_logs_go_through_the_owner_logger_without_file_logs(tmp_path, examples):
+    setup_logger("DEBUG", tmp_path / "orchestrator.log", job="orchestrator")
+    workers = EnvWorkersConfig(num_workers=2, file_logs=False, level="DEBUG")
+    with EnvWorkerPool(TaskConfig(), workers, tmp_path / "logs") as pool:
+        pool.score([ex.answer for ex in examples], examples)
+    assert not (tmp_path / "logs" / "env_workers").exists()
+    text = (tmp_path / "orchestrator.log").read_text()
+    assert "reverse_text/w0 pid=" in text and "reverse_text/w1 pid=" in text and "scored" in text
+
+
+def test_pool_recovers_from_worker_killed_between_batches(tmp_path, examples):
+    setup_logger("INFO", tmp_path / "orchestrator.log", job="orchestrator")
+    env = ReverseText(TaskConfig())
+    with EnvWorkerPool(TaskConfig(), EnvWorkersConfig(num_workers=2), tmp_path / "logs") as pool:
+        expected = [env.score(ex.answer[:3], ex) for ex in examples]
+        assert pool.score([ex.answer[:3] for ex in examples], examples) == expected
+        victim = pool.pids[0]
+        os.kill(victim, signal.SIGKILL)
+        time.sleep(0.2)
+        assert pool.score([ex.answer[:3] for ex in examples], examples) == expected
+        assert pool.restarts == 1 and victim not in pool.pids and len(pool.pids) == 2
+    assert "died" in (tmp_path / "orchestrator.log").read_text()
+
+
+def test_pool_rescores_a_batch_in_flight_when_a_worker_dies(tmp_path, examples):
+    setup_logger("INFO", tmp_path / "orchestrator.log", job="orchestrator")
+    examples = examples[:24]  # 12 per worker x 50 ms: ~0.6 s in flight
+    env = ReverseText(TaskConfig())
+    completions = [ex.answer[::2] for ex in examples]
+    with EnvWorkerPool(TaskConfig(), EnvWorkersConfig(num_workers=2), None, env_factory=f"{HERE}:SlowReverse") as pool:
+        result: list = []
+        thread = threading.Thread(target=lambda: result.append(pool.score(completions, examples)))
+        thread.start()
+        time.sleep(0.25)
+        os.kill(pool.pids[1], signal.SIGKILL)
+        thread.join(timeout=30)
+        assert result and result[0] == [env.score(c, e) for c, e in zip(completions, examples)]
+        assert pool.restarts == 1
+    log = (tmp_path / "orchestrator.log").read_text()
+    assert "re-scoring 2 of 2 chunks" in log or "re-scoring 1 of 2 chunks" in log
+
+
+def test_pool_gives_up_when_workers_keep_dying(examples):
+    with EnvWorkerPool(TaskConfig(), EnvWorkersConfig(num_workers=1), None, max_retries=0) as pool:
+        os.kill(pool.pids[0], signal.SIGKILL)
+        time.sleep(0.2)
+        with pytest.raises(RuntimeError, match="kept dying"):
+            pool.score(["x"], examples[:1])
+
+
+def test_pool_start_failure_is_clear():
+    with pytest.raises(RuntimeError, match="failed to start"):
+        EnvWorkerPool(TaskConfig(), EnvWorkersConfig(num_workers=1), None, env_factory=f"{HERE}:NoSuchEnv")

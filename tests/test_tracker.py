@@ -1,0 +1,200 @@
+"""The Tracker and its delivery layer: jsonl record, non-blocking calls, retries, spill, resume."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from omegaconf import OmegaConf
+
+from rlrun.config import DeliveryConfig, LoggerConfig
+from rlrun.tracking import Tracker, enabled_backends
+from rlrun.tracking.backends.jsonl import read_records
+from rlrun.tracking.base import Backend, MetricPoint
+from rlrun.tracking.delivery import BackendWorker, Event
+
+
+def _logger_cfg(**enabled: bool):
+    cfg = OmegaConf.structured(LoggerConfig)
+    for name, on in enabled.items():
+        cfg[name].enabled = on
+    return cfg
+
+
+def test_jsonl_record_holds_every_call(tmp_path):
+    tracker = Tracker(_logger_cfg(), job="trainer", output_dir=tmp_path)
+    tracker.log_hyperparams({"trainer": {"lr": 0.1}, "logger": {"wandb": {"api_key": "abc"}}})
+    for step in range(1, 6):
+        with tracker.timer("train"):
+            time.sleep(0.001)
+        tracker.log_metrics({"loss": 1.0 / step, "reward": step * 0.5}, step)
+    tracker.log_samples([{"prompt": "ab=", "completion": "ba", "reward": 1.0}], step=5)
+    tracker.log_distribution("rewards", [0.0, 0.5, float("nan"), 1.0], step=5)
+    tracker.finish()
+
+    records = read_records(tmp_path / "metrics" / "trainer.jsonl")
+    metrics = [r for r in records if r["type"] == "metrics"]
+    assert [r["step"] for r in metrics] == [1, 2, 3, 4, 5]
+    assert [r["metrics"]["loss"] for r in metrics] == pytest.approx([1.0, 0.5, 1 / 3, 0.25, 0.2])
+    assert all(r["metrics"]["time/train"] >= 0.001 for r in metrics), "timer() recorded time/train each step"
+    (hp,) = [r for r in records if r["type"] == "hyperparams"]
+    assert hp["params"] == {"trainer.lr": 0.1, "logger.wandb.api_key": "<redacted>"}
+    (samples,) = [r for r in records if r["type"] == "samples"]
+    assert samples["rows"] == [{"prompt": "ab=", "completion": "ba", "reward": 1.0}]
+    (dist,) = [r for r in records if r["type"] == "distribution"]
+    assert dist["values"] == [0.0, 0.5, 1.0], "non-finite values dropped"
+    with pytest.raises(RuntimeError, match="finished"):
+        tracker.log_metrics({"loss": 0.0}, 6)
+
+
+def test_resumed_job_does_not_log_steps_twice(tmp_path):
+    first = Tracker(_logger_cfg(), job="orchestrator", output_dir=tmp_path)
+    for step in range(1, 8):
+        first.log_metrics({"x": step}, step)
+    first.finish()
+    # The job crashed after step 7 but its last checkpoint was step 5: it redoes 6 and 7.
+    resumed = Tracker(_logger_cfg(), job="orchestrator", output_dir=tmp_path)
+    for step in range(6, 11):
+        resumed.log_metrics({"x": step * 10}, step)
+    resumed.finish()
+    records = [r for r in read_records(tmp_path / "metrics" / "orchestrator.jsonl") if r["type"] == "metrics"]
+    assert [r["step"] for r in records] == list(range(1, 11))
+    assert [r["metrics"]["x"] for r in records] == [1, 2, 3, 4, 5, 6, 7, 80, 90, 100]
+
+
+def test_enabled_backends_follow_config():
+    assert enabled_backends(_logger_cfg()) == ["jsonl"]
+    assert enabled_backends(_logger_cfg(wandb=True, mlflow=True)) == ["jsonl", "mlflow", "wandb"]
+
+
+def test_backend_libraries_imported_only_when_chosen(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from omegaconf import OmegaConf\n"
+        "from rlrun.config import LoggerConfig\n"
+        "from rlrun.tracking import Tracker\n"
+        "cfg = OmegaConf.structured(LoggerConfig); cfg.console.enabled = True\n"
+        f"t = Tracker(cfg, job='j', output_dir={str(tmp_path)!r})\n"
+        "t.log_metrics({'a': 1.0}, 1); t.finish()\n"
+        "print(sorted(m for m in ('torch', 'wandb', 'mlflow', 'tensorboard') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+# ---------------------------------------------------------------- delivery layer
+
+
+class FlakyBackend(Backend):
+    """A real backend (keeps what it receives) that fails while `down` is set, or slowly."""
+
+    name = "flaky"
+    max_batch_metrics = 50
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.down = threading.Event()
+        self.delay = delay
+        self.points: list[MetricPoint] = []
+        self.calls = 0
+        self.other: list[tuple[str, Any]] = []
+        self.finished = False
+
+    def _check(self) -> None:
+        self.calls += 1
+        if self.delay:
+            time.sleep(self.delay)
+        if self.down.is_set():
+            raise ConnectionError("server unreachable")
+
+    def log_metrics(self, metrics, step, time):  # noqa: A002
+        raise AssertionError("the worker batches: log_metrics_batch only")
+
+    def log_metrics_batch(self, points):
+        self._check()
+        assert sum(len(p.metrics) for p in points) <= self.max_batch_metrics or len(points) == 1
+        self.points.extend(points)
+
+    def log_hyperparams(self, params):
+        self._check()
+        self.other.append(("hyperparams", params))
+
+    def log_samples(self, rows, step):
+        self._check()
+        self.other.append(("samples", step))
+
+    def log_distribution(self, name, values, step):
+        self._check()
+        self.other.append(("distribution", step))
+
+    def finish(self):
+        self.finished = True
+
+
+def _delivery(**kw) -> Any:
+    return OmegaConf.structured(DeliveryConfig(**{"retry_initial_s": 0.01, "retry_max_s": 0.05, **kw}))
+
+
+def test_slow_backend_never_blocks_the_caller(tmp_path):
+    backend = FlakyBackend(delay=0.05)
+    worker = BackendWorker(backend, _delivery(), tmp_path)
+    worst = 0.0
+    for step in range(200):
+        start = time.perf_counter()
+        worker.submit(Event("metrics", MetricPoint(step, {"a": float(step)}, time.time())))
+        worst = max(worst, time.perf_counter() - start)
+    assert worst < 0.01, f"submit blocked {worst:.4f}s behind a 50 ms backend"
+    assert worker.flush(timeout=30)
+    assert [p.step for p in backend.points] == list(range(200))
+    assert backend.calls < 100, "consecutive points are batched into few backend calls"
+    worker.request_stop().wait(10)
+
+
+def test_outage_keeps_everything_in_order_and_spills_to_disk(tmp_path, caplog):
+    backend = FlakyBackend()
+    backend.down.set()
+    worker = BackendWorker(backend, _delivery(max_in_memory=20, warn_interval_s=60), tmp_path)
+    for step in range(100):
+        worker.submit(Event("metrics", MetricPoint(step, {"a": float(step), "b": 1.0}, time.time())))
+        if step == 50:
+            worker.submit(Event("samples", ([{"p": "x"}], step)))
+    time.sleep(0.3)
+    assert backend.points == [] and backend.calls > 3, "retried while down"
+    assert worker.backlog.on_disk > 0, "bounded memory: the rest went to the spill file"
+    warnings = [r for r in caplog.records if "flaky failed" in r.getMessage()]
+    assert len(warnings) == 1, "warnings are rate-limited, not one per retry"
+    backend.down.clear()
+    assert worker.flush(timeout=30)
+    assert [p.step for p in backend.points] == list(range(100))
+    assert backend.other == [("samples", 50)]
+    assert not (tmp_path / "flaky.spill").exists(), "spill file removed once drained"
+    worker.request_stop().wait(10)
+    assert backend.finished
+
+
+def test_one_huge_step_is_split_into_backend_sized_calls(tmp_path):
+    backend = FlakyBackend()
+    worker = BackendWorker(backend, _delivery(), tmp_path)
+    worker.submit(Event("metrics", MetricPoint(1, {f"m{i}": float(i) for i in range(120)}, time.time())))
+    assert worker.flush(timeout=10)
+    assert backend.calls == 3
+    merged = {k: v for p in backend.points for k, v in p.metrics.items()}
+    assert merged == {f"m{i}": float(i) for i in range(120)}
+    worker.request_stop().wait(10)
+
+
+def test_shutdown_with_dead_backend_persists_backlog(tmp_path):
+    backend = FlakyBackend()
+    backend.down.set()
+    worker = BackendWorker(backend, _delivery(flush_timeout_s=0.2), tmp_path)
+    for step in range(10):
+        worker.submit(Event("metrics", MetricPoint(step, {"a": 1.0}, time.time())))
+    start = time.monotonic()
+    assert worker.request_stop().wait(10)
+    assert time.monotonic() - start < 5, "finish() gives a dead backend flush_timeout_s, not forever"
+    assert (tmp_path / "flaky.spill").stat().st_size > 0
