@@ -14,12 +14,13 @@ workers, `--cfg job`) never import it.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from rlrun.rundir import publish_dir, staging_dir
 
 if TYPE_CHECKING:
     from rlrun.config import ModelConfig
@@ -96,11 +97,10 @@ def build_tiny_model(out_dir: str | Path, cfg: "ModelConfig", seed: int, alphabe
         pad_token_id=tokenizer.pad_token_id,
     )
 
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_dir(out_dir)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    _replace_dir(tmp, out_dir)
+    publish_dir(tmp, out_dir)
     return out_dir
 
 
@@ -124,21 +124,33 @@ def _looks_local(path: str) -> bool:
     return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
 
 
+def _model_name(path: str | Path) -> str:
+    """A local directory (checked to exist, `~` expanded) or a hub id, as a string."""
+    name = str(path)
+    if (isinstance(path, Path) or _looks_local(name)) and not Path(name).expanduser().exists():
+        raise FileNotFoundError(f"model path does not exist: {name}")
+    return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """The model's tokenizer, with a pad token (EOS when the model defines none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(_model_name(path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
     """Load `(model, tokenizer)` from a model directory or hub id; the model is in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # progress bars would litter the job logs
 
-    name = str(path)
-    if (isinstance(path, Path) or _looks_local(name)) and not Path(name).expanduser().exists():
-        raise FileNotFoundError(f"model path does not exist: {name}")
-    if Path(name).expanduser().exists():
-        name = str(Path(name).expanduser())
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    name = _model_name(path)
+    tokenizer = load_tokenizer(name, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         name, dtype=dtype if dtype == "auto" else getattr(torch, dtype), trust_remote_code=trust_remote_code
     )
@@ -185,7 +197,7 @@ def save_weights(model: torch.nn.Module, out_dir: str | Path, metadata: dict[str
     """Write `model.state_dict()` to `<out_dir>/model.safetensors`, atomically.
 
     Tied tensors are stored once (safetensors refuses shared storage); `load_weights` puts
-    them back. Written under `<out_dir>.tmp` and renamed, so a reader never sees half of it.
+    them back. Written to a staging folder and renamed, so a reader never sees half of it.
     """
     model = getattr(model, "module", model)  # DDP-wrapped or not
     state = model.state_dict()
@@ -194,11 +206,9 @@ def save_weights(model: torch.nn.Module, out_dir: str | Path, metadata: dict[str
             del state[alias]
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(out_dir)
     save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
-    _replace_dir(tmp, out_dir)
+    publish_dir(tmp, out_dir)
     return out_dir
 
 
@@ -240,16 +250,3 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> dict[str, Any]:
         raise RuntimeError(f"weights in {file} do not fit the model: " + "; ".join(sorted(problems)[:5]))
     model.load_state_dict(tensors, strict=True)
     return metadata
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished directory `src` to `dst`, replacing an old `dst` with one rename."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    old = None
-    if dst.exists():
-        old = dst.with_name(f"{dst.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -22,6 +22,10 @@ class StepTimer:
             key = f"time/{name}"
             self._pending[key] = self._pending.get(key, 0.0) + time.perf_counter() - start
 
+    def peek(self) -> dict[str, float]:
+        """The durations recorded so far this step, without forgetting them."""
+        return dict(self._pending)
+
     def take(self) -> dict[str, float]:
         """The durations recorded since the last call, then forget them."""
         pending, self._pending = self._pending, {}

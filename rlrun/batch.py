@@ -1,0 +1,53 @@
+"""One training batch on disk: what the orchestrator writes and the trainer reads.
+
+`rollouts/step_<n>/batch.safetensors` holds, for B = batch_size * group_size sequences
+right-padded to length T:
+
+- `input_ids` int64 [B, T]: prompt then completion tokens, padded with the pad id
+- `attention_mask` int64 [B, T]: 1 on real tokens
+- `loss_mask` float32 [B, T]: 1 where position t holds a completion token (the logits
+  at t-1 predict it)
+- `old_logprobs` float32 [B, T]: the sampler's log p(token t) at those positions, 0 elsewhere
+- `advantages` float32 [B]: group-normalized reward of each sequence
+
+and `meta.json` the step, the policy version that sampled it and the sampling temperature.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rlrun.rundir import publish_dir, read_json, staging_dir, step_dir, write_json
+
+BATCH_FILE = "batch.safetensors"
+META_FILE = "meta.json"
+KEYS = ("input_ids", "attention_mask", "loss_mask", "old_logprobs", "advantages")
+
+
+def rollouts_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "rollouts"
+
+
+def write_batch(run_dir: str | Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    missing = [k for k in KEYS if k not in tensors]
+    if missing:
+        raise ValueError(f"batch of step {step} lacks {missing}")
+    final = step_dir(rollouts_root(run_dir), step)
+    tmp = staging_dir(final)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / BATCH_FILE))
+    write_json(tmp / META_FILE, {"step": step, **meta})
+    publish_dir(tmp, final)
+    return final
+
+
+def batch_ready(run_dir: str | Path, step: int) -> bool:
+    return (step_dir(rollouts_root(run_dir), step) / META_FILE).is_file()
+
+
+def read_batch(run_dir: str | Path, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    folder = step_dir(rollouts_root(run_dir), step)
+    return load_file(str(folder / BATCH_FILE)), read_json(folder / META_FILE)
