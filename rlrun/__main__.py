@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
@@ -19,9 +21,15 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def app(cfg: DictConfig) -> int:
+    from hydra.core.hydra_config import HydraConfig
+
     from rlrun.rl import run
 
-    return run(cfg)
+    run_dir = cfg.output_dir or HydraConfig.get().runtime.output_dir
+    code = run(cfg, run_dir)
+    if code and HydraConfig.get().mode.name == "RUN":
+        sys.exit(code)  # Hydra ignores the return value; a sweep goes on to its next job
+    return code
 
 
 def main() -> None:

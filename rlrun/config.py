@@ -148,6 +148,7 @@ class TrainerConfig:
     checkpoint_interval: int = 20  # steps; 0 disables
     keep_last: int = 3  # weights/step_<n> kept on disk
     num_threads: int = 1  # torch intra-op threads per rank
+    micro_batch_size: Optional[int] = None  # rows per forward/backward pass; None: the rank's whole batch
 
 
 @dataclass
@@ -162,7 +163,7 @@ class EnvWorkersConfig:
 class RunConfig:
     name: str = "rlrun"
     seed: int = 0
-    max_steps: int = 60
+    max_steps: int = 200
     output_dir: Optional[str] = None  # default: Hydra's run / sweep-job directory
     resume_from: Optional[str] = None
     log_level: str = "INFO"

@@ -76,10 +76,12 @@ def parse_job_args(prog: str, description: str, argv: list[str] | None = None, *
 
 def load_job_config(args: argparse.Namespace, prog: str) -> Any:
     """The run config, or exit 2 with a message naming the bad key."""
+    from omegaconf.errors import OmegaConfBaseException
+
     from rlrun.config import ConfigError, load_run_config
 
     try:
         return load_run_config(args.config, args.overrides)
-    except (ConfigError, OSError, ValueError) as exc:
+    except (ConfigError, OSError, ValueError, OmegaConfBaseException) as exc:
         print(f"{prog}: bad config: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -68,12 +68,12 @@ def setup_logger(
         raw=False, capture=True, patchers=[_scrub_record], extra={"job": job},
     )
     level = level.upper()
-    logger.add(sys.stdout, level=level, format=_FORMAT, colorize=colorize, enqueue=False)
+    logger.add(sys.stdout, level=level, format=_FORMAT, colorize=colorize, enqueue=False, diagnose=False)
     if log_file is not None:
         path = Path(log_file)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)  # a fresh file per run, never appended to an old one
-        logger.add(path, level=level, format=_FILE_FORMAT, colorize=False, enqueue=False, encoding="utf-8")
+        logger.add(path, level=level, format=_FILE_FORMAT, colorize=False, enqueue=False, encoding="utf-8", diagnose=False)
     _LOGGER = logger
     _route_stdlib_logging(level)
     return logger

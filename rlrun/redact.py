@@ -16,7 +16,10 @@ from typing import Any
 
 REDACTED = "<redacted>"
 SECRETS_ENV = "RLRUN_SECRETS"
-_SECRET_KEY = re.compile(r"api_?key|token|password|passwd|secret", re.IGNORECASE)
+# A key *named* like a credential: `api_key`, `hf_token`, `MLFLOW_TRACKING_PASSWORD`,
+# `client_secret`, `AWS_SECRET_ACCESS_KEY`. Only the last word counts, so `max_tokens`,
+# `num_tokens` or `secret_name_prefix` are ordinary settings.
+_SECRET_KEY = re.compile(r"(?:^|[^a-z0-9])(?:api_?key|access_?key|token|password|passwd|secret)$", re.IGNORECASE)
 _SECRET_VALUE = re.compile(
     r"^(?:[0-9a-f]{40}"  # W&B classic API key
     r"|local-[0-9a-f]{40}"  # W&B local server key

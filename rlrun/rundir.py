@@ -21,6 +21,7 @@ from typing import Any
 
 SUBDIRS = ("logs", "logs/trainer", "metrics", "rollouts", "weights", "checkpoints")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_STAGING = re.compile(r"^\.step_\d+\.(?:tmp|old)-(\d+)$")
 
 
 def job_log(run_dir: str | Path, job: str, rank: int = 0) -> Path:
@@ -75,7 +76,15 @@ def staging_dir(final: Path) -> Path:
 
 
 def prune(root: str | Path, keep_last: int, keep: set[int] = frozenset()) -> None:  # type: ignore[assignment]
-    """Delete all but the newest `keep_last` step folders (and any step in `keep`)."""
+    """Delete all but the newest `keep_last` step folders (and any step in `keep`).
+
+    Also removes staging folders a killed writer left behind (each root has one writer).
+    """
+    root = Path(root)
+    for entry in root.iterdir() if root.is_dir() else []:
+        match = _STAGING.match(entry.name)
+        if match and int(match.group(1)) != os.getpid():
+            shutil.rmtree(entry, ignore_errors=True)
     steps = list_steps(root)
     for step in steps[: max(0, len(steps) - keep_last)]:
         if step not in keep:
@@ -110,10 +119,16 @@ def wait_for(
         delay = min(max_poll_s, delay * 1.5)
 
 
-def write_json(path: Path, data: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so that a reader sees the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, default=str))
 
 
 def read_json(path: Path) -> Any:

@@ -6,47 +6,25 @@ With `inference.port=0` the OS picks a free port; `--port-file` tells the parent
 
 from __future__ import annotations
 
-import argparse
-import os
 import random
-import signal
 import sys
-import threading
 from pathlib import Path
 
+from rlrun.job import StopFlag, load_job_config, parse_job_args
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m rlrun.inference", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="the run's resolved config.yaml")
-    parser.add_argument("--port-file", help="write the bound port here (atomically) once serving")
-    parser.add_argument("--model-path", help="model directory or hub id (default: from the config)")
-    parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. inference.port=8000")
-    return parser.parse_intermixed_args(argv)
+PROG = "python -m rlrun.inference"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    # Until the server runs, a stop signal just ends the process (model loading can be long);
-    # after, it lets the server finish its batch and close cleanly.
-    stop = threading.Event()
-    serving = False
-
-    def on_signal(signum: int, _frame) -> None:
-        if not serving:
-            raise SystemExit(0)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-
-    from rlrun.config import ConfigError, load_run_config
+    stop = StopFlag().install()
+    args = parse_job_args(
+        PROG, __doc__.splitlines()[0], argv,
+        port_file="write the bound port here (atomically) once serving",
+        model_path="model directory or hub id (default: from the config)",
+    )  # fmt: skip
+    cfg = load_job_config(args, PROG)
     from rlrun.log import setup_logger
 
-    try:
-        cfg = load_run_config(args.config, args.overrides)
-    except (ConfigError, OSError) as exc:
-        print(f"rlrun.inference: bad config: {exc}", file=sys.stderr)
-        return 2
     log = setup_logger(cfg.log_level, None, job="inference")
 
     import torch
@@ -54,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlrun.inference.engine import Engine
     from rlrun.inference.server import InferenceServer
     from rlrun.model import load_model, resolve_model_path
+    from rlrun.rundir import write_text_atomic
 
     torch.set_num_threads(cfg.inference.num_threads)
     random.seed(cfg.seed)
@@ -71,22 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(model, tokenizer, device=cfg.inference.device, max_batch_size=cfg.inference.max_batch_size)
     served_name = "tiny" if cfg.model.name == "tiny" else str(cfg.model.path)
 
+    if stop:  # stopped while loading the model
+        return 0
     server = InferenceServer(engine, cfg.inference.host, cfg.inference.port, model_name=served_name).start()
-    serving = True
     if args.port_file:
-        _write_atomically(Path(args.port_file), f"{server.port}\n")
+        write_text_atomic(Path(args.port_file), f"{server.port}\n")
     while not stop.wait(0.5):
         pass
     log.info("stop signal received; shutting down")
     server.shutdown()
     return 0
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

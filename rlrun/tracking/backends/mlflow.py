@@ -157,6 +157,11 @@ def ensure_run(cfg: Any, ctx: TrackerContext | None = None, tracking_uri: str | 
 _BAD_KEY_CHARS = re.compile(r"[^\w\-. /:]")
 
 
+def end_run(tracking_uri: str, run_id: str, status: str) -> None:
+    """Mark the shared run FINISHED / FAILED / KILLED (the parent, once every job is done)."""
+    _client(tracking_uri).set_terminated(run_id, status=status)
+
+
 def sanitize_key(key: str) -> str:
     """A metric/param name MLflow accepts: alphanumerics and `_ - . space / :`, no empty,
     `.` or `..` path segments (MLflow treats names as paths), at most 250 characters."""

@@ -1,0 +1,92 @@
+"""One step's data, top to bottom: group-relative advantages, the batch tensors, the metrics.
+
+Metric names follow TRL's GRPO trainer where one exists (`reward`, `reward_std`,
+`rewards/<fn>/mean`, `frac_reward_zero_std`, `completions/*`, `num_tokens`).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+
+import torch
+
+from rlrun.inference import Completion
+
+
+def group_advantages(rewards: Sequence[float], group_size: int, eps: float = 1e-4) -> list[float]:
+    """GRPO: each reward minus its group's mean, divided by the group's std (+eps).
+
+    A group whose completions all scored the same gets advantage 0 everywhere: it carries
+    no signal about which completion is better.
+    """
+    if len(rewards) % group_size:
+        raise ValueError(f"{len(rewards)} rewards do not split into groups of {group_size}")
+    out: list[float] = []
+    for start in range(0, len(rewards), group_size):
+        group = rewards[start : start + group_size]
+        mean = statistics.fmean(group)
+        std = statistics.pstdev(group) if len(group) > 1 else 0.0
+        out.extend((r - mean) / (std + eps) for r in group)
+    return out
+
+
+def build_batch(
+    prompt_ids: Sequence[Sequence[int]],
+    completions: Sequence[Completion],
+    advantages: Sequence[float],
+    pad_id: int,
+) -> dict[str, torch.Tensor]:
+    """Right-padded tensors in `rlrun.batch`'s format; `prompt_ids[i]` belongs to `completions[i]`."""
+    rows = [list(p) + list(c.token_ids) for p, c in zip(prompt_ids, completions, strict=True)]
+    width = max(len(r) for r in rows)
+    n = len(rows)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    loss_mask = torch.zeros((n, width), dtype=torch.float32)
+    old_logprobs = torch.zeros((n, width), dtype=torch.float32)
+    for i, (prompt, completion) in enumerate(zip(prompt_ids, completions, strict=True)):
+        p, c = len(prompt), len(completion.token_ids)
+        input_ids[i, : p + c] = torch.tensor(rows[i], dtype=torch.long)
+        attention_mask[i, : p + c] = 1
+        loss_mask[i, p : p + c] = 1.0
+        old_logprobs[i, p : p + c] = torch.tensor(completion.logprobs, dtype=torch.float32)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "loss_mask": loss_mask,
+        "old_logprobs": old_logprobs,
+        "advantages": torch.tensor(list(advantages), dtype=torch.float32),
+    }
+
+
+def reward_metrics(scores: Sequence[dict[str, float]], group_size: int) -> dict[str, float]:
+    """`reward` (mean), `reward_std` (mean within-group std), per-function mean/std, zero-std groups."""
+    rewards = [s["reward"] for s in scores]
+    groups = [rewards[i : i + group_size] for i in range(0, len(rewards), group_size)]
+    group_stds = [statistics.pstdev(g) if len(g) > 1 else 0.0 for g in groups]
+    metrics = {
+        "reward": statistics.fmean(rewards),
+        "reward_std": statistics.fmean(group_stds),
+        "frac_reward_zero_std": sum(std < 1e-8 for std in group_stds) / len(groups),
+    }
+    for fn in sorted(k for k in scores[0] if k != "reward"):
+        values = [s[fn] for s in scores]
+        metrics[f"rewards/{fn}/mean"] = statistics.fmean(values)
+        metrics[f"rewards/{fn}/std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
+    return metrics
+
+
+def completion_metrics(completions: Sequence[Completion]) -> dict[str, float]:
+    """Lengths of all completions, of those that ended with EOS, and how many hit max_tokens."""
+    lengths = [len(c.token_ids) for c in completions]
+    terminated = [len(c.token_ids) for c in completions if c.finish_reason == "stop"]
+    return {
+        "completions/mean_length": statistics.fmean(lengths),
+        "completions/min_length": float(min(lengths)),
+        "completions/max_length": float(max(lengths)),
+        "completions/clipped_ratio": sum(c.finish_reason == "length" for c in completions) / len(completions),
+        "completions/mean_terminated_length": statistics.fmean(terminated) if terminated else 0.0,
+        "completions/min_terminated_length": float(min(terminated)) if terminated else 0.0,
+        "completions/max_terminated_length": float(max(terminated)) if terminated else 0.0,
+    }

@@ -1,0 +1,88 @@
+"""The parent's console view of a run: a rich progress bar fed by the jobs' jsonl records.
+
+The parent never talks to the jobs to learn their progress: it reads the new lines of
+`metrics/orchestrator.jsonl` and `metrics/trainer.jsonl`, the same local record every run
+keeps, so the view costs the jobs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class JsonlTail:
+    """New complete metric records of a growing jsonl file, read incrementally."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+
+    def new_metrics(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1  # a line still being written waits for the next call
+        self._offset += end
+        records = []
+        for line in data[:end].splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("type") == "metrics":
+                records.append(record)
+        return records
+
+
+class RunProgress:
+    """Step (trained), reward, tokens/s and ETA on one line; a summary at the end."""
+
+    def __init__(self, run_dir: Path, max_steps: int, console: Console | None = None) -> None:
+        self.max_steps = max_steps
+        self.orchestrator = JsonlTail(run_dir / "metrics" / "orchestrator.jsonl")
+        self.trainer = JsonlTail(run_dir / "metrics" / "trainer.jsonl")
+        self.rewards: dict[int, float] = {}
+        self.trained = 0
+        self.reward = float("nan")
+        self.tokens_per_s = float("nan")
+        self.progress = Progress(
+            TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(),
+            TextColumn("reward {task.fields[reward]}"), TextColumn("tokens/s {task.fields[tps]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=console, transient=False,
+        )  # fmt: skip
+        self.task = self.progress.add_task("rl", total=max_steps, reward="-", tps="-")
+        self.progress.start()
+
+    def update(self) -> None:
+        for record in self.orchestrator.new_metrics():
+            metrics = record["metrics"]
+            self.rewards[record["step"]] = metrics.get("reward", float("nan"))
+            self.reward = self.rewards[record["step"]]
+            self.tokens_per_s = metrics.get("tokens/s", self.tokens_per_s)
+        for record in self.trainer.new_metrics():
+            self.trained = max(self.trained, record["step"])
+        self.progress.update(
+            self.task, completed=self.trained, reward=f"{self.reward:.3f}", tps=f"{self.tokens_per_s:,.0f}"
+        )
+
+    def summary(self) -> str:
+        """Mean reward of the first and last 10% of steps."""
+        steps = sorted(self.rewards)
+        if not steps:
+            return "no steps were recorded"
+        k = max(1, len(steps) // 10)
+        first = statistics.fmean(self.rewards[s] for s in steps[:k])
+        last = statistics.fmean(self.rewards[s] for s in steps[-k:])
+        return f"mean reward: first {k} steps {first:.3f} -> last {k} steps {last:.3f} ({last - first:+.3f})"
+
+    def close(self) -> None:
+        self.progress.stop()

@@ -1,0 +1,58 @@
+"""`python -m rlrun.trainer --config <run>/config.yaml [key=value ...]`
+
+One rank alone, or N ranks under `python -m torch.distributed.run --nproc-per-node N -m
+rlrun.trainer ...`. Each rank logs to `logs/trainer/rank_<N>.log`. SIGTERM / SIGINT finish
+the current step (or end the wait for the next batch), flush the trackers and exit 0; an
+error is logged with its traceback and exits 1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from rlrun.job import StopFlag, StopRequested, load_job_config, parse_job_args
+from rlrun.rundir import job_log
+
+PROG = "python -m rlrun.trainer"
+
+
+def main(argv: list[str] | None = None) -> int:
+    stop = StopFlag().install()
+    args = parse_job_args(PROG, __doc__.splitlines()[0], argv)
+    cfg = load_job_config(args, PROG)
+
+    from rlrun.log import setup_logger
+
+    run_dir = Path(cfg.output_dir) if cfg.output_dir else Path(args.config).resolve().parent
+    rank = int(os.environ.get("RANK", "0"))
+    log = setup_logger(cfg.log_level, job_log(run_dir, "trainer", rank), job=f"trainer[{rank}]")
+
+    import torch
+
+    from rlrun.trainer.train import Ranks, barrier, init_distributed, run
+
+    torch.set_num_threads(cfg.trainer.num_threads)
+    ranks = Ranks()
+    code = 0
+    try:
+        ranks = init_distributed(cfg.trainer.device)
+        run(cfg, run_dir, stop, ranks)
+        barrier(ranks)
+    except StopRequested as stopped:
+        log.info(f"{stopped}; trainer exiting cleanly")
+        barrier(ranks)  # every rank agreed to stop at the same step
+    except Exception:
+        log.exception("trainer failed")
+        code = 1
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""`python -m rlrun` end to end, with real processes: it trains, it fails cleanly, it resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from rlrun.tracking.backends.jsonl import read_records
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "wandb_v1_" + "S3cr3t" * 8
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "WANDB_DATA_DIR": str(tmp_path / "wandb_data"), "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache")}
+    env.pop("WANDB_API_KEY", None)
+    env.update(extra)
+    return env
+
+
+def _rlrun(run_dir: Path, *overrides: str, timeout: float = 300, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "rlrun", f"hydra.run.dir={run_dir}", *overrides],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env,
+    )  # fmt: skip
+
+
+def _spawn(run_dir: Path, *overrides: str, env=None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "rlrun", f"hydra.run.dir={run_dir}", *overrides],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+
+
+def _metrics(run_dir: Path, job: str) -> list[dict]:
+    return [r for r in read_records(run_dir / "metrics" / f"{job}.jsonl") if r["type"] == "metrics"]
+
+
+def _wait_for_step(run_dir: Path, job: str, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        records = _metrics(run_dir, job)
+        if records and records[-1]["step"] >= step:
+            return
+        assert proc.poll() is None, f"rlrun exited early: {proc.stdout.read() if proc.stdout else ''}"
+        time.sleep(0.2)
+    raise TimeoutError(f"{job} did not reach step {step}")
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    parent = psutil.Process(pid)
+    return [parent, *parent.children(recursive=True)]
+
+
+def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    alive = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+# ---------------------------------------------------------------- it trains
+
+
+def test_default_run_improves_the_policy_and_leaves_the_whole_record(tmp_path):
+    """The default experiment as `make run` starts it: fixed seed, reward up by >= 0.2."""
+    run_dir = tmp_path / "run"
+    out = _rlrun(run_dir, timeout=420)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+    for path in (".hydra/config.yaml", "config.yaml", "logs/rl.log", "logs/inference.stdout", "logs/orchestrator.log",
+                 "logs/trainer/rank_0.log", "logs/env_workers/reverse_text.log", "metrics/orchestrator.jsonl",
+                 "metrics/trainer.jsonl", "model/config.json"):  # fmt: skip
+        assert (run_dir / path).is_file(), path
+    for sub in ("rollouts", "weights", "checkpoints"):
+        assert any((run_dir / sub).iterdir()), sub
+    assert len(list((run_dir / "rollouts").glob("step_*"))) <= 3, "old rollouts pruned"
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    max_steps = config["max_steps"]
+    orchestrator, trainer = _metrics(run_dir, "orchestrator"), _metrics(run_dir, "trainer")
+    assert [r["step"] for r in orchestrator] == list(range(1, max_steps + 1))
+    assert [r["step"] for r in trainer] == list(range(1, max_steps + 1))
+    for name in ("reward", "reward_std", "rewards/lcs/mean", "rewards/lcs/std", "frac_reward_zero_std",
+                 "completions/mean_length", "completions/min_length", "completions/max_length",
+                 "completions/clipped_ratio", "completions/mean_terminated_length", "num_tokens", "tokens/s",
+                 "time/generate", "time/score", "time/update_weights", "time/wait_for_weights"):  # fmt: skip
+        assert name in orchestrator[-1]["metrics"], name
+    for name in ("loss", "grad_norm", "lr", "entropy", "clip_ratio/low_mean", "clip_ratio/low_min",
+                 "clip_ratio/high_mean", "clip_ratio/high_max", "clip_ratio/region_mean", "tokens/s",
+                 "time/wait_for_batch", "time/forward_backward", "time/save_weights"):  # fmt: skip
+        assert name in trainer[-1]["metrics"], name
+
+    rewards = [r["metrics"]["reward"] for r in orchestrator]
+    k = max(1, len(rewards) // 10)
+    first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
+    assert last - first >= 0.2, f"reward {first:.3f} -> {last:.3f}"
+    assert "mean reward" in (run_dir / "logs" / "rl.log").read_text()
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("logger=nope", "nope"),
+        ("trainer.lrr=0.1", "lrr"),
+        ("trainer.lr=fast", "trainer.lr"),
+        ("orchestrator.group_size=0", "orchestrator.group_size"),
+        ("model=hf", "model.path"),
+    ],
+)
+def test_bad_input_fails_before_any_job(tmp_path, override, named):
+    run_dir = tmp_path / "run"
+    extra = ["model.path=/no/such/model"] if override == "model=hf" else []
+    out = _rlrun(run_dir, override, *extra, timeout=120)
+    assert out.returncode != 0
+    assert named in out.stdout + out.stderr
+    assert not (run_dir / "logs").exists(), "no job started, nothing but the run directory written"
+
+
+# ---------------------------------------------------------------- faults
+
+
+def test_killed_orchestrator_stops_the_whole_run(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _spawn(run_dir, "max_steps=100000")
+    try:
+        _wait_for_step(run_dir, "orchestrator", 3, proc)
+        tree = _tree(proc.pid)
+        (orchestrator,) = [p for p in tree if "rlrun.orchestrator" in " ".join(p.cmdline())]
+        orchestrator.send_signal(signal.SIGKILL)
+        start = time.monotonic()
+        output, _ = proc.communicate(timeout=30)
+        assert time.monotonic() - start <= 10, "every job stopped within 10 s"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert "orchestrator" in output and "logs/orchestrator.log" in output and "SIGKILL" in output
+    assert _alive(tree) == [], "no process left behind"
+
+
+def test_sigterm_flushes_then_resume_logs_each_step_once(tmp_path):
+    run_dir = tmp_path / "run"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["max_steps=30", "trainer.checkpoint_interval=4", "logger=mlflow", f"logger.mlflow.tracking_uri={uri}"]
+    proc = _spawn(run_dir, *common)
+    try:
+        _wait_for_step(run_dir, "trainer", 10, proc)
+        tree = _tree(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, output[-2000:]
+    assert _alive(tree) == []
+    stopped_at = _metrics(run_dir, "trainer")[-1]["step"]
+    assert stopped_at >= 10, "the trainer's tracker was flushed on SIGTERM"
+    assert stopped_at < 30
+
+    out = _rlrun(run_dir, f"resume_from={run_dir}", *common, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (run_dir / "logs.1" / "rl.log").is_file(), "the first attempt's logs are kept"
+    for job in ("trainer", "orchestrator"):
+        assert [r["step"] for r in _metrics(run_dir, job)] == list(range(1, 31)), job
+
+    from mlflow.tracking import MlflowClient
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    client = MlflowClient(uri)
+    run_id = config["logger"]["mlflow"]["run_id"]
+    for key in ("trainer/loss", "orchestrator/reward"):
+        steps = sorted(m.step for m in client.get_metric_history(run_id, key))
+        assert steps == list(range(1, 31)), key
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1, "one MLflow run, resumed"
+
+
+def test_two_ranks_and_two_trackers_offline(tmp_path):
+    """`trainer.num_ranks=2` with `logger=wandb+mlflow`: rank logs, named W&B runs, one MLflow run, no secret."""
+    run_dir = tmp_path / "run"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = _rlrun(
+        run_dir, "max_steps=3", "trainer.num_ranks=2", "name=exp", "logger=wandb+mlflow", "logger.wandb.offline=true",
+        f"logger.mlflow.tracking_uri={uri}", f"logger.wandb.api_key={SECRET}",
+        env=_env(tmp_path, HF_TOKEN="hf_" + "T0k3n" * 8), timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (run_dir / "logs/trainer/rank_0.log").is_file() and (run_dir / "logs/trainer/rank_1.log").is_file()
+    assert "step 3/3" in (run_dir / "logs/trainer/rank_1.log").read_text()
+
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    names = set()
+    for wandb_run in runs:
+        (wandb_file,) = wandb_run.glob("run-*.wandb")
+        records = subprocess.run(
+            [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(wandb_file)],
+            capture_output=True, text=True, check=True, timeout=60, env={**os.environ, "WANDB_MODE": "offline"},
+        ).stdout  # fmt: skip
+        for line in records.splitlines():
+            record = json.loads(line)
+            if record["type"] == "run":
+                names.add(record["run"]["display_name"])
+        assert SECRET not in records
+    assert names == {"exp-trainer", "exp-orchestrator"}
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("rlrun").experiment_id])
+    assert {"trainer/loss", "trainer/grad_norm", "orchestrator/reward", "orchestrator/tokens/s"} <= set(run.data.metrics)
+    assert all(SECRET not in str(v) for v in run.data.params.values())
+
+    for path in run_dir.rglob("*"):
+        if path.is_file() and path.suffix in (".yaml", ".log", ".jsonl", ".stdout", ".json"):
+            assert SECRET not in path.read_text(errors="replace"), path
+            assert "T0k3nT0k3n" not in path.read_text(errors="replace"), path

@@ -1,0 +1,343 @@
+"""The trainer: the loss by hand, the logprobs it recomputes, and the real job end to end."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from rlrun.batch import write_batch
+from rlrun.config import ModelConfig, RunConfig
+from rlrun.model import build_tiny_model, encode_prompt, load_model, load_weights
+from rlrun.rundir import list_steps, read_json
+from rlrun.tracking.backends.jsonl import read_records
+from rlrun.trainer.loss import grpo_loss
+from rlrun.trainer.train import forward_backward, token_logprobs
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = [
+    "loss", "grad_norm", "lr", "entropy", "num_loss_tokens", "tokens/s", "policy_lag",
+    "clip_ratio/low_mean", "clip_ratio/low_min", "clip_ratio/high_mean", "clip_ratio/high_max",
+    "clip_ratio/region_mean", "time/wait_for_batch", "time/forward_backward", "time/optimizer_step",
+    "time/save_weights", "time/step",
+]  # fmt: skip
+
+
+# ---------------------------------------------------------------- the loss, by hand
+
+
+def _mask(lengths: list[int], width: int) -> torch.Tensor:
+    return torch.tensor([[1.0] * n + [0.0] * (width - n) for n in lengths])
+
+
+def test_ratio_one_gives_minus_the_token_mean_advantage():
+    lp = torch.log(torch.full((2, 4), 0.3))
+    mask = _mask([3, 1], 4)  # 3 tokens with A=1, 1 token with A=-2
+    loss, stats = grpo_loss(lp, lp.clone(), torch.tensor([1.0, -2.0]), mask)
+    assert loss.item() == pytest.approx(-(3 * 1.0 + 1 * -2.0) / 4)
+    assert all(stats[k].item() == 0.0 for k in stats)
+    assert "kl" not in stats
+
+
+def test_padding_never_reaches_the_loss():
+    lp = torch.zeros(1, 3, requires_grad=True)
+    old = torch.tensor([[0.0, 0.0, 0.0]])
+    garbage = torch.tensor([[0.0, float("nan"), float("inf")]])
+    loss, _ = grpo_loss(lp + garbage, old, torch.tensor([1.0]), _mask([1], 3))
+    loss.backward()
+    assert loss.item() == -1.0 and torch.isfinite(lp.grad).all()
+
+
+def test_clipping_engages_exactly_past_the_asymmetric_bounds():
+    eps_low, eps_high = 0.2, 0.28
+    ratios = torch.tensor([[1.27, 1.29, 0.81, 0.79], [1.29, 0.79, 1.0, 1.0]])
+    advantages = torch.tensor([1.0, -1.0])
+    old = torch.full_like(ratios, -1.0)
+    lp = (old + ratios.log()).requires_grad_(True)
+    loss, stats = grpo_loss(lp, old, advantages, torch.ones_like(ratios), eps_low, eps_high)
+    # Row 0 (A>0): only 1.29 > 1.28 is clipped (high). Row 1 (A<0): only 0.79 < 0.8 (low).
+    # 0.79 with A>0 and 1.29 with A<0 are outside the clip range but not clipped: the
+    # pessimistic min keeps the unclipped term there.
+    assert stats["clip_ratio/high_mean"].item() == pytest.approx(1 / 8)
+    assert stats["clip_ratio/high_max"].item() == pytest.approx(1 / 8)
+    assert stats["clip_ratio/low_mean"].item() == pytest.approx(1 / 8)
+    assert stats["clip_ratio/low_min"].item() == pytest.approx(1 / 8)
+    assert stats["clip_ratio/region_mean"].item() == pytest.approx(2 / 8)
+    per_token = torch.tensor([[-1.27, -1.28, -0.81, -0.79], [1.29, 0.80, 1.0, 1.0]])
+    assert loss.item() == pytest.approx(per_token.mean().item(), abs=1e-6)
+
+    loss.backward()
+    clipped = torch.tensor([[False, True, False, False], [False, True, False, False]])
+    assert (lp.grad[clipped] == 0).all()
+    # d(-ratio*A/N)/d(logprob) = -ratio*A/N elsewhere.
+    expected = -(ratios * advantages[:, None]) / 8
+    torch.testing.assert_close(lp.grad[~clipped], expected[~clipped])
+
+
+def test_clip_stats_count_only_masked_tokens():
+    ratios = torch.tensor([[1.5, 1.5, 1.5]])
+    old = torch.zeros_like(ratios)
+    _, stats = grpo_loss(old + ratios.log(), old, torch.tensor([1.0]), _mask([2], 3))
+    assert stats["clip_ratio/high_mean"].item() == 1.0
+
+
+def test_kl_term_is_zero_at_the_reference_and_k3_elsewhere():
+    lp = torch.log(torch.tensor([[0.5, 0.25]]))
+    mask = torch.ones(1, 2)
+    adv = torch.tensor([1.0])
+    loss, stats = grpo_loss(lp, lp, adv, mask, ref_logprobs=lp.clone(), kl_coef=0.5)
+    assert stats["kl"].item() == 0.0 and loss.item() == pytest.approx(-1.0)
+
+    ref = torch.log(torch.tensor([[0.25, 0.25]]))
+    loss, stats = grpo_loss(lp, lp, adv, mask, ref_logprobs=ref, kl_coef=0.5)
+    k3 = 0.5 - torch.log(torch.tensor(0.5)).item() - 1  # exp(log 1/2) - log(1/2) - 1 on the first token
+    assert stats["kl"].item() == pytest.approx(k3 / 2)
+    assert loss.item() == pytest.approx(-1.0 + 0.5 * k3 / 2)
+
+
+# ---------------------------------------------------------------- the recomputed logprobs
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", ModelConfig(), seed=0)
+    model, tokenizer = load_model(path)
+    return path, model, tokenizer
+
+
+def test_token_logprobs_match_the_sampler(tiny):
+    """The trainer's log_softmax(logits / T) at t-1 is what the engine recorded for token t."""
+    from rlrun.inference.engine import Engine
+
+    _, model, tokenizer = tiny
+    prompts = [encode_prompt(tokenizer, "abc="), encode_prompt(tokenizer, "hgfed=")]
+    engine = Engine(model, tokenizer)
+    completions = [c for group in engine.generate(prompts, n=3, max_tokens=6, temperature=0.7, seed=0) for c in group]
+    rows = [(prompts[i // 3], c) for i, c in enumerate(completions)]
+    tensors = _batch_tensors([(p, c.token_ids) for p, c in rows], [0.0] * len(rows), model, temperature=1.0)
+    lp, entropy = token_logprobs(model, tensors["input_ids"], tensors["attention_mask"], 0.7)
+    mask = tensors["loss_mask"][:, 1:].bool()
+    expected = torch.tensor([x for _, c in rows for x in c.logprobs])
+    torch.testing.assert_close(lp[mask], expected, atol=1e-4, rtol=0)
+    assert (entropy[mask] > 0).all() and not entropy.requires_grad
+    model.train()  # the engine put it in eval mode; nothing else in this module cares
+
+
+def test_micro_batches_change_nothing_but_memory(tiny):
+    _, model, tokenizer = tiny
+    model.eval()
+    batch = _batch_tensors(_rows(tokenizer), ADVANTAGES, model, temperature=1.0)
+    batch["old_logprobs"] = batch["old_logprobs"] - 0.3 * batch["loss_mask"]  # ratios past the clip
+    results = []
+    for size in (None, 3):
+        model.zero_grad()
+        stats = forward_backward(model, batch, 1.0, 0.2, 0.28, kl_coef=0.5, ref_model=model, micro_batch_size=size)
+        results.append((stats, [p.grad.clone() for p in model.parameters()]))
+    model.zero_grad()
+    (whole, grads_whole), (micro, grads_micro) = results
+    assert whole.keys() == micro.keys() and whole["clip_ratio/high_mean"] > 0
+    for name in whole:
+        assert micro[name] == pytest.approx(whole[name], rel=1e-5, abs=1e-7), name
+    for a, b in zip(grads_whole, grads_micro):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- the job
+
+
+PROMPTS = ["abc=", "hgf="]
+COMPLETIONS = [["cba", "aaaa", "cb", "xyz"], ["fgh", "h", "ggg", "abcd"]]  # the first of each is rewarded
+ADVANTAGES = [1.5, -0.5, -0.5, -0.5] * 2
+
+
+def _batch_tensors(rows, advantages, model, temperature):
+    width = max(len(p) + len(c) for p, c in rows)
+    n = len(rows)
+    input_ids = torch.zeros((n, width), dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    loss_mask = torch.zeros((n, width))
+    for i, (p, c) in enumerate(rows):
+        input_ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        attention_mask[i, : len(p) + len(c)] = 1
+        loss_mask[i, len(p) : len(p) + len(c)] = 1.0
+    with torch.no_grad():  # old_logprobs: an independent teacher-forced pass, row by row
+        old = torch.zeros((n, width))
+        for i, (p, c) in enumerate(rows):
+            ids = torch.tensor([p + c])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float() / temperature, -1)
+            for j, token in enumerate(c):
+                old[i, len(p) + j] = logp[len(p) + j - 1, token]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "loss_mask": loss_mask,
+        "old_logprobs": old,
+        "advantages": torch.tensor(advantages, dtype=torch.float32),
+    }
+
+
+def _rows(tokenizer):
+    eos = tokenizer.eos_token_id
+    return [
+        (encode_prompt(tokenizer, p), tokenizer.encode(c, add_special_tokens=False) + [eos])
+        for p, group in zip(PROMPTS, COMPLETIONS)
+        for c in group
+    ]
+
+
+def _rewarded_logprob(model, tokenizer) -> float:
+    """Sum of the rewarded completions' logprobs (temperature 1)."""
+    rows = [r for i, r in enumerate(_rows(tokenizer)) if ADVANTAGES[i] > 0]
+    t = _batch_tensors(rows, [1.0] * len(rows), model, 1.0)
+    with torch.no_grad():
+        lp, _ = token_logprobs(model, t["input_ids"], t["attention_mask"], 1.0)
+    return float((lp * t["loss_mask"][:, 1:]).sum())
+
+
+def _new_run(root: Path, tiny, max_steps: int, **trainer) -> Path:
+    run = root / "run"
+    shutil.copytree(tiny[0], run / "model")
+    cfg = OmegaConf.structured(RunConfig(output_dir=str(run), max_steps=max_steps, log_level="DEBUG"))
+    cfg.trainer.checkpoint_interval = 2
+    cfg.trainer.keep_last = 3
+    for key, value in trainer.items():
+        cfg.trainer[key] = value
+    OmegaConf.save(cfg, run / "config.yaml")
+    return run
+
+
+def _write_batches(run: Path, tiny, steps) -> None:
+    _, model, tokenizer = tiny
+    model.eval()
+    tensors = _batch_tensors(_rows(tokenizer), ADVANTAGES, model, temperature=1.0)
+    for step in steps:
+        write_batch(run, step, tensors, {"policy_version": 0, "temperature": 1.0})
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _trainer(run: Path, *overrides: str, nproc: int = 1, timeout: float = 60) -> subprocess.CompletedProcess:
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+    cmd = [sys.executable, *launcher, "-m", "rlrun.trainer", "--config", str(run / "config.yaml"), *overrides]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [r for r in read_records(run / "metrics" / "trainer.jsonl") if r["type"] == "metrics"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny):
+    """A 3-step run of the real job on 3 synthetic batches."""
+    run = _new_run(tmp_path_factory.mktemp("e2e"), tiny, max_steps=3)
+    _write_batches(run, tiny, [1, 2, 3])
+    start = time.monotonic()
+    result = _trainer(run)
+    return run, result, time.monotonic() - start
+
+
+def test_trainer_job_trains_publishes_checkpoints_and_logs(trained, tiny):
+    run, result, _ = trained
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert list_steps(run / "weights") == [1, 2, 3]
+    assert list_steps(run / "checkpoints") == [2, 3]  # every 2 steps and at the last
+    for step in (2, 3):
+        folder = run / "checkpoints" / f"step_{step}"
+        assert read_json(folder / "state.json")["step"] == step
+        assert (folder / "model.safetensors").is_file() and (folder / "optimizer.pt").is_file()
+    assert not [p for p in (run / "weights").iterdir() if p.name.startswith(".")]  # no staging left over
+
+    records = _metrics(run)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert set(METRICS) <= set(r["metrics"]), set(METRICS) - set(r["metrics"])
+        assert "kl" not in r["metrics"]
+        assert r["metrics"]["num_loss_tokens"] == sum(len(c) for _, c in _rows(tiny[2]))
+    assert [r["metrics"]["policy_lag"] for r in records] == [0, 1, 2]
+    assert records[0]["metrics"]["loss"] == pytest.approx(-sum(  # step 1 is on-policy: ratio 1
+        a * len(c) for a, (_, c) in zip(ADVANTAGES, _rows(tiny[2]))) / records[0]["metrics"]["num_loss_tokens"], abs=1e-5)
+    assert records[0]["metrics"]["clip_ratio/region_mean"] == 0.0
+    hyper = [r for r in read_records(run / "metrics" / "trainer.jsonl") if r["type"] == "hyperparams"]
+    assert len(hyper) == 1 and hyper[0]["params"]["trainer.lr"] == 3e-3
+
+    log = (run / "logs" / "trainer" / "rank_0.log").read_text()
+    for step in (1, 2, 3):
+        assert f"step {step}/3 | loss " in log
+
+    # Training moved probability onto the rewarded completions.
+    model, tokenizer = load_model(run / "model")
+    before = _rewarded_logprob(model, tokenizer)
+    load_weights(model, run / "weights" / "step_3")
+    after = _rewarded_logprob(model, tokenizer)
+    assert after > before + 0.1, (before, after)
+
+
+def test_trainer_resumes_after_its_newest_checkpoint_and_stops_on_sigterm(trained, tiny, tmp_path):
+    """Resume after checkpoint 3 with batch 4 there, then SIGTERM while waiting for batch 5."""
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    shutil.rmtree(run / "weights" / "step_3")  # as after a crash: the parent removes newer weights
+    _write_batches(run, tiny, [4])
+    log = run / "logs" / "trainer" / "rank_0.log"
+    log.unlink()
+    cmd = [sys.executable, "-m", "rlrun.trainer", "--config", str(run / "config.yaml"), "max_steps=5"]
+    cmd.append(f"output_dir={run}")  # the copied config names the old run dir
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (log.is_file() and "step 4/5 | loss" in log.read_text()):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "step 4 never finished"
+            time.sleep(0.05)
+        time.sleep(0.3)  # now waiting for rollouts/step_5
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0, proc.stdout.read()
+        assert time.monotonic() - sent < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert "resumed from checkpoints/step_3" in text and "step 3/" not in text
+    assert "while waiting for step 5; trainer exiting cleanly" in text
+    assert [r["step"] for r in _metrics(run)] == [1, 2, 3, 4]  # each step once
+    assert list_steps(run / "weights") == [2, 3, 4]  # step 3 re-published from the checkpoint; keep_last=3
+    assert list_steps(run / "checkpoints") == [3, 4]
+    model, _ = load_model(run / "model")
+    load_weights(model, run / "checkpoints" / "step_3")
+    ckpt = {k: v.clone() for k, v in model.state_dict().items()}
+    load_weights(model, run / "weights" / "step_3")
+    assert all(torch.equal(ckpt[k], v) for k, v in model.state_dict().items())
+
+
+def test_trainer_two_ranks(trained, tmp_path, tiny):
+    """Two ranks take the same step as one process: the loss is a token mean over the whole batch."""
+    run = _new_run(tmp_path, tiny, max_steps=2, kl_coef=0.1)
+    _write_batches(run, tiny, [1, 2])
+    result = _trainer(run, nproc=2)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for rank in (0, 1):
+        log = (run / "logs" / "trainer" / f"rank_{rank}.log").read_text()
+        assert f"trainer rank {rank}/2" in log and "step 2/2 | loss " in log
+    records = _metrics(run)
+    assert [r["step"] for r in records] == [1, 2]
+    total = sum(len(c) for _, c in _rows(tiny[2]))
+    for r in records:
+        assert r["metrics"]["num_loss_tokens"] == total  # summed over both ranks' rows
+        assert "kl" in r["metrics"]
+    assert records[0]["metrics"]["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at step 1
+    # At step 1 the KL term and its gradient are 0, so the step is the one-process step of `trained`.
+    alone = _metrics(trained[0])[0]["metrics"]
+    for name in ("loss", "grad_norm", "num_loss_tokens"):
+        assert records[0]["metrics"][name] == pytest.approx(alone[name], rel=1e-5), name
+    assert list_steps(run / "weights") == [1, 2] and list_steps(run / "checkpoints") == [2]
