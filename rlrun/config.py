@@ -124,6 +124,45 @@ class InferenceConfig:
     num_threads: int = 1  # torch intra-op threads of the local server
 
 
+# ---------------------------------------------------------------- log extras and monitoring
+
+
+@dataclass
+class LogExtrasConfig:
+    """Sample tables and distributions (the `log_extras` group)."""
+
+    samples: bool = False  # a table of informative rollouts (orchestrator)
+    distributions: bool = False  # histograms: rewards, advantages, lengths; entropy, ratios, loss
+    interval: int = 10  # every this many steps
+    samples_per_step: int = 8  # rows per logged step
+    max_rows: int = 1000  # rows the accumulating W&B table keeps (the newest)
+
+
+@dataclass
+class JobLogExtrasConfig:
+    """A job's own copy of `log_extras`; follows the top-level group unless overridden,
+    e.g. `orchestrator.log_extras.interval=5`."""
+
+    samples: bool = "${log_extras.samples}"  # type: ignore[assignment]
+    distributions: bool = "${log_extras.distributions}"  # type: ignore[assignment]
+    interval: int = "${log_extras.interval}"  # type: ignore[assignment]
+    samples_per_step: int = "${log_extras.samples_per_step}"  # type: ignore[assignment]
+    max_rows: int = "${log_extras.max_rows}"  # type: ignore[assignment]
+
+
+@dataclass
+class MonitorConfig:
+    """GPU and system usage sampled in the background (the `monitor` group; NeMo-RL's names)."""
+
+    system: bool = False  # CPU %, RAM, each job's RSS, disk of the run directory
+    gpu: bool = False  # every visible GPU through NVML
+    collection_interval: float = 2.0  # seconds between samples
+    flush_interval: float = 10.0  # seconds between hand-overs to the tracker
+
+
+# ---------------------------------------------------------------- RL jobs (continued)
+
+
 @dataclass
 class OrchestratorConfig:
     batch_size: int = 16  # prompts per step
@@ -133,6 +172,9 @@ class OrchestratorConfig:
     max_async_steps: int = 1  # how many steps generation may run ahead of training
     keep_last: int = 3  # rollouts/step_<n> kept on disk
     request_timeout_s: float = 300.0
+    eval_interval: int = 50  # steps between evaluations on held-out prompts (and at the end); 0: off
+    num_val_samples_to_print: int = 4  # evaluation samples shown as a table in the log
+    log_extras: JobLogExtrasConfig = field(default_factory=JobLogExtrasConfig)
 
 
 @dataclass
@@ -149,6 +191,7 @@ class TrainerConfig:
     keep_last: int = 3  # weights/step_<n> kept on disk
     num_threads: int = 1  # torch intra-op threads per rank
     micro_batch_size: Optional[int] = None  # rows per forward/backward pass; None: the rank's whole batch
+    log_extras: JobLogExtrasConfig = field(default_factory=JobLogExtrasConfig)
 
 
 @dataclass
@@ -174,6 +217,8 @@ class RunConfig:
     orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     env_workers: EnvWorkersConfig = field(default_factory=EnvWorkersConfig)
+    log_extras: LogExtrasConfig = field(default_factory=LogExtrasConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 CONF_DIR = Path(__file__).parent / "conf"
@@ -212,10 +257,20 @@ def validate(cfg: DictConfig) -> None:
         "env_workers.num_workers",
         "inference.max_batch_size",
         "task.min_chars",
+        "log_extras.interval",
+        "log_extras.samples_per_step",
+        "log_extras.max_rows",
+        "orchestrator.log_extras.interval",
+        "orchestrator.log_extras.samples_per_step",
+        "trainer.log_extras.interval",
+        "monitor.collection_interval",
+        "monitor.flush_interval",
     ]
     for key in positive:
         require(OmegaConf.select(cfg, key) > 0, key, "must be > 0")
     require(cfg.orchestrator.max_async_steps >= 0, "orchestrator.max_async_steps", "must be >= 0")
+    require(cfg.orchestrator.eval_interval >= 0, "orchestrator.eval_interval", "must be >= 0 (0: no evaluation)")
+    require(cfg.orchestrator.num_val_samples_to_print >= 0, "orchestrator.num_val_samples_to_print", "must be >= 0")
     require(cfg.orchestrator.temperature > 0, "orchestrator.temperature", "must be > 0")
     require(cfg.trainer.lr > 0, "trainer.lr", "must be > 0")
     require(cfg.trainer.checkpoint_interval >= 0, "trainer.checkpoint_interval", "must be >= 0")
