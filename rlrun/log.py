@@ -9,10 +9,12 @@ are routed into it so one file holds a job's whole story.
 
 from __future__ import annotations
 
+import io
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rlrun.redact import register_env_secrets, scrub
 
@@ -102,3 +104,23 @@ def reset_logger() -> None:
     _LOGGER = None
     root = logging.getLogger()
     root.handlers = [h for h in root.handlers if not isinstance(h, _InterceptHandler)]
+
+
+def render_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], width: int = 160) -> str:
+    """A rich table as plain text (for a log file); floats with 4 significant digits.
+
+    Cells are literal text, never rich markup: a completion such as `[/]` or `[bold]` is
+    shown as written (a markup string would raise or vanish).
+    """
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=Text(title), show_lines=False)
+    for column in columns:
+        table.add_column(Text(str(column)), overflow="fold")
+    for row in rows:
+        table.add_row(*(Text(f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row))
+    console = Console(width=width, record=True, file=io.StringIO())
+    console.print(table)
+    return console.export_text()

@@ -77,3 +77,11 @@ def test_secrets_are_scrubbed_from_log_lines(tmp_path, monkeypatch):
     text = path.read_text()
     assert "connecting with key" in text
     assert secret not in text
+
+
+def test_render_table_shows_markup_like_text_literally():
+    from rlrun.log import render_table
+
+    text = render_table("samples", ["prompt", "completion", "reward"], [["ab=", "[/]", 0.123456], ["x", "[bold]y", 1.0]])
+    assert "[/]" in text and "[bold]y" in text
+    assert "0.1235" in text and "samples" in text

@@ -20,7 +20,7 @@ from rlrun.model import build_tiny_model, encode_prompt, load_model, load_weight
 from rlrun.rundir import list_steps, read_json
 from rlrun.tracking.backends.jsonl import read_records
 from rlrun.trainer.loss import grpo_loss
-from rlrun.trainer.train import forward_backward, token_logprobs
+from rlrun.trainer.train import Ranks, forward_backward, gather_token_values, token_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = [
@@ -150,6 +150,33 @@ def test_micro_batches_change_nothing_but_memory(tiny):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
+def test_per_token_values_only_when_asked(tiny):
+    """Logging steps get every masked token's entropy, ratio and loss; the scalars are the same either way."""
+    _, model, tokenizer = tiny
+    model.eval()
+    batch = _batch_tensors(_rows(tokenizer), ADVANTAGES, model, temperature=1.0)
+    batch["old_logprobs"] = batch["old_logprobs"] - 0.3 * batch["loss_mask"]  # ratio exp(0.3) everywhere
+    num_tokens = int(batch["loss_mask"][:, 1:].sum())
+    plain = forward_backward(model, batch, 1.0, 0.2, 0.28)
+    gathered = []
+    for size in (None, 3):
+        values: dict = {}
+        model.zero_grad()
+        stats = forward_backward(model, batch, 1.0, 0.2, 0.28, micro_batch_size=size, token_values=values)
+        assert stats == pytest.approx(plain, rel=1e-5, abs=1e-7), "asking for values changes no scalar"
+        assert sorted(values) == ["entropy", "importance_ratio", "per_token_loss"]
+        assert all(not v.requires_grad for parts in values.values() for v in parts)
+        gathered.append(gather_token_values(values, Ranks()))
+    model.zero_grad()
+    whole, micro = gathered
+    for name, tensor in whole.items():
+        assert tensor.shape == (num_tokens,) and tensor.device.type == "cpu", name
+        torch.testing.assert_close(micro[name], tensor, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(whole["importance_ratio"], torch.full((num_tokens,), 0.3).exp(), atol=1e-4, rtol=0)
+    assert whole["per_token_loss"].mean().item() == pytest.approx(plain["loss"], rel=1e-5)
+    assert whole["entropy"].mean().item() == pytest.approx(plain["entropy"], rel=1e-5)
+
+
 # ---------------------------------------------------------------- the job
 
 
@@ -269,6 +296,8 @@ def test_trainer_job_trains_publishes_checkpoints_and_logs(trained, tiny):
     assert records[0]["metrics"]["clip_ratio/region_mean"] == 0.0
     hyper = [r for r in read_records(run / "metrics" / "trainer.jsonl") if r["type"] == "hyperparams"]
     assert len(hyper) == 1 and hyper[0]["params"]["trainer.lr"] == 3e-3
+    distributions = [r for r in read_records(run / "metrics" / "trainer.jsonl") if r["type"] == "distribution"]
+    assert not distributions, "log_extras is off by default"
 
     log = (run / "logs" / "trainer" / "rank_0.log").read_text()
     for step in (1, 2, 3):
@@ -321,10 +350,13 @@ def test_trainer_resumes_after_its_newest_checkpoint_and_stops_on_sigterm(traine
 
 
 def test_trainer_two_ranks(trained, tmp_path, tiny):
-    """Two ranks take the same step as one process: the loss is a token mean over the whole batch."""
+    """Two ranks take the same step as one process: the loss is a token mean over the whole batch.
+
+    Distributions (every 2 steps) hold every token of the batch, gathered from both ranks.
+    """
     run = _new_run(tmp_path, tiny, max_steps=2, kl_coef=0.1)
     _write_batches(run, tiny, [1, 2])
-    result = _trainer(run, nproc=2)
+    result = _trainer(run, "trainer.log_extras.distributions=true", "trainer.log_extras.interval=2", nproc=2)
     assert result.returncode == 0, result.stdout + result.stderr
     for rank in (0, 1):
         log = (run / "logs" / "trainer" / f"rank_{rank}.log").read_text()
@@ -341,3 +373,11 @@ def test_trainer_two_ranks(trained, tmp_path, tiny):
     for name in ("loss", "grad_norm", "num_loss_tokens"):
         assert records[0]["metrics"][name] == pytest.approx(alone[name], rel=1e-5), name
     assert list_steps(run / "weights") == [1, 2] and list_steps(run / "checkpoints") == [2]
+
+    dists = [r for r in read_records(run / "metrics" / "trainer.jsonl") if r["type"] == "distribution"]
+    assert sorted((r["step"], r["name"]) for r in dists) == [
+        (2, "distributions/entropy"), (2, "distributions/importance_ratio"), (2, "distributions/per_token_loss"),
+    ], "only on logging steps, once (rank 0)"  # fmt: skip
+    assert all(len(r["values"]) == total for r in dists), "both ranks' tokens"
+    (loss,) = [r["values"] for r in dists if r["name"] == "distributions/per_token_loss"]
+    assert sum(loss) / total == pytest.approx(records[1]["metrics"]["loss"], rel=1e-4), "the batch's token mean"

@@ -2,7 +2,11 @@
 
 Per step: wait until the trainer is at most `orchestrator.max_async_steps` behind, have
 inference load the newest weights, sample prompts, ask for `group_size` completions each,
-score them in the env workers, compute GRPO advantages and write `rollouts/step_<n>/`.
+score them in the env workers, compute GRPO advantages and write `rollouts/step_<n>/`;
+every `orchestrator.eval_interval` steps (and at the last) evaluate the policy on held-out
+prompts (`eval.py`); every `orchestrator.log_extras.interval` steps log sample rows and
+distributions (`extras.py`). One `log_metrics` call per step carries the step's metrics,
+`eval/*` included.
 """
 
 from __future__ import annotations
@@ -44,21 +48,29 @@ def run(cfg, run_dir: Path, stop: StopFlag) -> None:
     from rlrun.inference.client import InferenceClient
     from rlrun.log import get_logger
     from rlrun.model import encode_prompt, load_tokenizer, resolve_model_path
+    from rlrun.orchestrator.eval import Evaluator, is_eval_step
+    from rlrun.orchestrator.extras import is_logging_step, log_rollout_extras
     from rlrun.orchestrator.rollout import build_batch, completion_metrics, group_advantages, reward_metrics
     from rlrun.tracking import Tracker
     from rlrun.tracking.backends.jsonl import read_records
 
     log = get_logger()
     ocfg = cfg.orchestrator
+    xcfg = ocfg.log_extras  # this job's log_extras (the top-level group unless overridden)
     weights_root = run_dir / "weights"
     tokenizer = load_tokenizer(resolve_model_path(cfg.model, run_dir, cfg.seed), cfg.model.trust_remote_code)
     pad_id = int(tokenizer.pad_token_id)
     env = load_environment(cfg.task)
+    evaluator = None  # the held-out prompts, tokenized once
+    if ocfg.eval_interval > 0:
+        evaluator = Evaluator(env, tokenizer, cfg.task.num_eval_prompts, ocfg.max_tokens, ocfg.num_val_samples_to_print)
     client = InferenceClient(f"http://{cfg.inference.host}:{cfg.inference.port}", timeout=ocfg.request_timeout_s)
     client.wait_healthy(cfg.inference.startup_timeout_s)
 
     start = resume_step(run_dir) + 1
-    tracker = Tracker(cfg.logger, job="orchestrator", output_dir=run_dir, run_name=cfg.name)
+    tracker = Tracker(
+        cfg.logger, job="orchestrator", output_dir=run_dir, run_name=cfg.name, extra={"max_table_rows": xcfg.max_rows}
+    )
     pool = EnvWorkerPool(cfg.task, cfg.env_workers, run_dir / "logs")
     previous = [r for r in read_records(tracker.jsonl_file) if r.get("type") == "metrics" and r["step"] < start]
     num_tokens = previous[-1]["metrics"].get("num_tokens", 0.0) if previous else 0.0  # TRL's is cumulative
@@ -105,6 +117,18 @@ def run(cfg, run_dir: Path, stop: StopFlag) -> None:
                 prune(run_dir / "rollouts", max(ocfg.keep_last, ocfg.max_async_steps + 2))
             stop.check()
 
+            # The trainer already has this step's batch; evaluate the policy that generated it.
+            eval_metrics: dict[str, float] = {}
+            if evaluator is not None and is_eval_step(step, ocfg.eval_interval, cfg.max_steps):
+                with tracker.timer("eval"):
+                    eval_metrics = evaluator.evaluate(step, client, pool, log)
+            if (xcfg.samples or xcfg.distributions) and is_logging_step(step, xcfg.interval):
+                log_rollout_extras(
+                    tracker, xcfg, step, random.Random(f"{cfg.seed}/samples/{step}"),  # apart from the prompts' rng
+                    [ex.prompt for ex in row_examples], texts, scores, advantages,
+                    [len(p) for p in row_prompts], [len(c.token_ids) for c in completions],
+                )  # fmt: skip
+
             generated = sum(len(c.token_ids) for c in completions)
             num_tokens += generated + sum(len(p) for p in row_prompts)
             timings = tracker.timer.peek()
@@ -115,6 +139,7 @@ def run(cfg, run_dir: Path, stop: StopFlag) -> None:
                 "tokens/s": generated / max(timings.get("time/generate", 0.0), 1e-9),
                 "off_policy_steps": float(step - 1 - loaded_version),
                 "time/step": time.perf_counter() - step_start,
+                **eval_metrics,
             }
             tracker.log_metrics(metrics, step)
             log.info(

@@ -11,6 +11,10 @@ The clip stats follow TRL's GRPO trainer: `low` counts tokens whose ratio fell b
 1 - eps_low where A < 0 (the update would push them further down and is clipped), `high`
 tokens above 1 + eps_high where A > 0, `region` either; each is a fraction of the masked
 tokens.
+
+`token_values`, when given (a dict of lists, only on steps that log distributions), gets
+the masked tokens' `importance_ratio` and `per_token_loss` appended as detached 1-D
+tensors; without it nothing more is kept than the scalars.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ def grpo_loss(
     clip_eps_high: float = 0.28,
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    token_values: dict[str, list[torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss to minimise (a scalar) and detached stats; logprobs/masks [B, T], advantages [B].
 
@@ -65,4 +70,7 @@ def grpo_loss(
         stats["clip_ratio/high_mean"] = high_frac
         stats["clip_ratio/high_max"] = high_frac
         stats["clip_ratio/region_mean"] = masked_mean((low | high).float())
+        if token_values is not None:
+            token_values.setdefault("importance_ratio", []).append(ratio[mask])
+            token_values.setdefault("per_token_loss", []).append(per_token.detach()[mask])
     return loss, stats

@@ -11,7 +11,11 @@ Per step `n` (from 1, or from the newest checkpoint + 1):
 4. rank 0 writes `weights/step_<n>/` for inference (keeping the newest `trainer.keep_last`)
    and, every `trainer.checkpoint_interval` steps and at the last, `checkpoints/step_<n>/`
    (weights, optimizer state, `state.json`), keeping the newest two,
-5. every rank logs the step's metrics (one collective reduces them across ranks).
+5. every rank logs the step's metrics (one collective reduces them across ranks); every
+   `trainer.log_extras.interval` steps, with `log_extras.distributions`, the per-token
+   entropy, importance ratio and loss of every masked token of the whole batch (gathered
+   from all ranks onto rank 0, which logs them) as `distributions/<name>`. Other steps keep
+   no per-token values at all.
 """
 
 from __future__ import annotations
@@ -120,6 +124,7 @@ def forward_backward(
     ref_model: torch.nn.Module | None = None,
     micro_batch_size: int | None = None,
     loss_tokens: float | None = None,
+    token_values: dict[str, list[torch.Tensor]] | None = None,
 ) -> dict[str, float]:
     """Accumulate the gradient of this rank's rows' loss; its stats (token means over the rows).
 
@@ -128,6 +133,10 @@ def forward_backward(
     gradients over ranks, so the gradient is then the token mean over the whole batch,
     exactly as in one process. Micro-batches weigh their token means by their share of the
     tokens, so they change nothing but memory; DDP syncs gradients on the last one only.
+
+    `token_values` (pass `{}` on steps that log distributions, else None): gets the masked
+    tokens' `entropy`, `importance_ratio` and `per_token_loss` appended per micro-batch as
+    detached 1-D tensors on the model's device; None keeps nothing beyond the scalars.
     """
     rows = batch["input_ids"].shape[0]
     size = micro_batch_size or rows
@@ -147,17 +156,42 @@ def forward_backward(
                     ref_logprobs, _ = token_logprobs(ref_model, mb["input_ids"], mb["attention_mask"], temperature)
             loss, stats = grpo_loss(
                 logprobs, mb["old_logprobs"][:, 1:], mb["advantages"], mask,
-                clip_eps_low, clip_eps_high, ref_logprobs, kl_coef,
+                clip_eps_low, clip_eps_high, ref_logprobs, kl_coef, token_values,
             )  # fmt: skip
             mb_tokens = float(mask.sum())
             (loss * (mb_tokens / loss_tokens)).backward()
         # `loss` as a share of the whole batch's token mean: the mean over ranks is that mean.
         sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * mb_tokens / loss_tokens
         stats["entropy"] = (entropy * mask).sum() / mask.sum().clamp(min=1)
+        if token_values is not None:
+            token_values.setdefault("entropy", []).append(entropy[mask > 0])
         for name, value in stats.items():  # this rank's token means
             sums[name] = sums.get(name, 0.0) + float(value) * mb_tokens / rank_tokens
     sums["num_loss_tokens"] = float(batch["loss_mask"][:, 1:].sum())
     return sums
+
+
+def gather_token_values(values: dict[str, list[torch.Tensor]], ranks: Ranks) -> dict[str, torch.Tensor]:
+    """`forward_backward`'s per-token values of every rank, concatenated (rank order) on rank 0.
+
+    Other ranks get {}. Two collectives (the counts, then the values padded to the largest
+    count), on every rank together: call it on the same steps everywhere.
+    """
+    names = sorted(values)
+    local = torch.stack([torch.cat(values[name]).float() for name in names])  # [K, n]: every rank the same K
+    if ranks.world == 1:
+        return {name: row.cpu() for name, row in zip(names, local)}
+    counts = [torch.zeros(1, dtype=torch.long, device=ranks.device) for _ in range(ranks.world)]
+    dist.all_gather(counts, torch.tensor([local.shape[1]], dtype=torch.long, device=ranks.device))
+    sizes = [int(c.item()) for c in counts]
+    padded = torch.zeros((len(names), max(sizes)), device=ranks.device)
+    padded[:, : local.shape[1]] = local
+    parts = [torch.empty_like(padded) for _ in range(ranks.world)] if ranks.rank == 0 else None
+    dist.gather(padded, parts, dst=0)
+    if ranks.rank != 0:
+        return {}
+    merged = torch.cat([part[:, :size] for part, size in zip(parts, sizes)], dim=1).cpu()
+    return dict(zip(names, merged))
 
 
 # ---------------------------------------------------------------- weights and checkpoints
@@ -241,7 +275,9 @@ def run(cfg: Any, run_dir: Path, stop: StopFlag, ranks: Ranks) -> None:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     micro_batch_size = tcfg.micro_batch_size
 
+    xcfg = tcfg.log_extras  # the trainer logs distributions only (samples are the orchestrator's)
     extra = {k: state[k] for k in ("wandb_run_id", "mlflow_run_id") if state.get(k)}
+    extra["max_table_rows"] = xcfg.max_rows
     tracker = Tracker(cfg.logger, job="trainer", output_dir=run_dir, run_name=cfg.name, extra=extra)
     try:
         if start == 1:
@@ -269,11 +305,14 @@ def run(cfg: Any, run_dir: Path, stop: StopFlag, ranks: Ranks) -> None:
             temperature = float(meta.get("temperature", cfg.orchestrator.temperature))
             temperature = temperature if temperature > 0 else 1.0  # greedy sampling records T=1 logprobs
 
+            # Per-token values only on steps that log them: otherwise nothing extra is kept.
+            token_values = {} if xcfg.distributions and step % xcfg.interval == 0 else None
             with tracker.timer("forward_backward"):
                 tokens_per_rank = sum_ranks(float(batch["loss_mask"][:, 1:].sum()), ranks) / world
                 stats = forward_backward(
                     model, batch, temperature, tcfg.clip_eps_low, tcfg.clip_eps_high,
                     tcfg.kl_coef, ref_model, micro_batch_size, loss_tokens=max(tokens_per_rank, 1.0),
+                    token_values=token_values,
                 )  # fmt: skip
             with tracker.timer("optimizer_step"):
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm))
@@ -302,6 +341,9 @@ def run(cfg: Any, run_dir: Path, stop: StopFlag, ranks: Ranks) -> None:
                 "time/step": time.perf_counter() - step_start,
             }
             m = tracker.log_metrics(metrics, step, REDUCTIONS)
+            if token_values is not None:  # the whole batch's tokens, from every rank; rank 0 logs
+                for name, values in gather_token_values(token_values, ranks).items():
+                    tracker.log_distribution(f"distributions/{name}", values, step)
             kl = f" | kl {m['kl']:.4f}" if "kl" in m else ""
             log.info(
                 f"step {step}/{cfg.max_steps} | loss {m['loss']:+.4f} | grad_norm {m['grad_norm']:.3f} | "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 from rlrun.tracking.base import Backend, TrackerContext
@@ -42,18 +41,11 @@ class ConsoleBackend(Backend):
         self._emit(f"[{self.job}] {len(params)} hyperparameters logged")
 
     def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
-        from rich.console import Console
-        from rich.table import Table
+        from rlrun.log import render_table
 
-        table = Table(title=f"{self.job} samples, step {step}", show_lines=False)
         columns = list(rows[0])
-        for column in columns:
-            table.add_column(column, overflow="fold")
-        for row in rows:
-            table.add_row(*(format_value(v) if isinstance(v, float) else str(v) for v in (row.get(c) for c in columns)))
-        console = Console(width=160, record=True, file=io.StringIO())
-        console.print(table)
-        self._emit("\n" + console.export_text())
+        table = render_table(f"{self.job} samples, step {step}", columns, [[row.get(c) for c in columns] for row in rows])
+        self._emit("\n" + table)
 
     def log_distribution(self, name: str, values: list[float], step: int) -> None:
         n = len(values)

@@ -1,0 +1,92 @@
+"""Evaluation on held-out prompts, every `orchestrator.eval_interval` steps and at the last.
+
+The held-out set is the environment's fixed `split="eval"` set (`task.num_eval_prompts`
+prompts, the same for every run and seed). Each prompt gets one **greedy** completion
+(temperature 0) from the policy inference currently serves, the one that generated the
+step: greedy decoding is deterministic, so `eval/reward` moves only when the policy does,
+with none of the sampling noise that one T=1 sample per prompt would add, and it is
+comparable across runs and seeds. Training's sampling is untouched: eval draws from no
+training random state (the engine seeds each row on its own).
+
+Metrics are the training names under `eval/` (`eval/reward`, `eval/reward_std` across
+prompts, `eval/rewards/<fn>/mean`, `eval/completions/mean_length`, ...), returned to be
+merged into the step's one `log_metrics` call; the tracker times the pass as `time/eval`.
+`orchestrator.num_val_samples_to_print` (NeMo-RL's name) samples, the best and the worst,
+go to the orchestrator's log as a table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from rlrun.inference import Completion
+from rlrun.log import render_table
+from rlrun.orchestrator.extras import best_and_worst
+from rlrun.orchestrator.rollout import completion_metrics, reward_metrics
+
+EVAL_TEMPERATURE = 0.0  # greedy (the local engine and vLLM both read T=0 as argmax)
+EVAL_SEED = 0
+
+
+def is_eval_step(step: int, eval_interval: int, max_steps: int) -> bool:
+    """Every `eval_interval` steps and at the last step; never with eval_interval=0."""
+    return eval_interval > 0 and (step % eval_interval == 0 or step == max_steps)
+
+
+def eval_metrics(scores: Sequence[Mapping[str, float]], completions: Sequence[Completion]) -> dict[str, float]:
+    """Training's reward and completion metrics over the held-out set, under `eval/`.
+
+    The set is one group (one completion per prompt), so `eval/reward_std` is the std
+    across prompts; the zero-std-group fraction means nothing here and is left out.
+    """
+    metrics = {**reward_metrics(scores, group_size=len(scores)), **completion_metrics(completions)}
+    metrics.pop("frac_reward_zero_std")
+    return {f"eval/{name}": value for name, value in metrics.items()}
+
+
+def eval_table(
+    step: int, prompts: Sequence[str], texts: Sequence[str], rewards: Sequence[float], k: int
+) -> str:
+    """The `k` best and worst held-out samples as a plain-text table ('' when k is 0)."""
+    picks = best_and_worst(rewards, k)
+    if not picks:
+        return ""
+    rows = [(i, prompts[i], texts[i], float(rewards[i])) for i in picks]
+    return render_table(f"eval samples at step {step} (best and worst)", ["#", "prompt", "completion", "reward"], rows)
+
+
+class Evaluator:
+    """Holds the held-out prompts (tokenized once) and runs the pass."""
+
+    def __init__(self, env: Any, tokenizer: Any, num_prompts: int, max_tokens: int, num_to_print: int) -> None:
+        import random
+
+        from rlrun.model import encode_prompt
+
+        self.examples = env.sample(random.Random(EVAL_SEED), num_prompts, split="eval")
+        self.prompt_ids = [encode_prompt(tokenizer, ex.prompt) for ex in self.examples]
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+        self.num_to_print = num_to_print
+
+    def evaluate(self, step: int, client: Any, pool: Any, log: Any) -> dict[str, float]:
+        """Generate, score and summarise; logs a line and the sample table; returns `eval/*` metrics."""
+        if not self.examples:
+            return {}
+        groups = client.complete(
+            self.prompt_ids, n=1, max_tokens=self.max_tokens, temperature=EVAL_TEMPERATURE, seed=EVAL_SEED
+        )
+        completions = [group[0] for group in groups]
+        texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+        scores = pool.score(texts, self.examples)
+        metrics = eval_metrics(scores, completions)
+        log.info(
+            f"eval at step {step}: reward {metrics['eval/reward']:.3f} over {len(self.examples)} held-out prompts "
+            f"(greedy), len {metrics['eval/completions/mean_length']:.1f}"
+        )
+        table = eval_table(step, [ex.prompt for ex in self.examples], texts, [s["reward"] for s in scores],
+                           self.num_to_print)  # fmt: skip
+        if table:
+            log.info("\n" + table)
+        return metrics

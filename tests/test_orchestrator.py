@@ -1,0 +1,254 @@
+"""The orchestrator's pure parts: advantages, batch tensors, metrics, sample selection, eval."""
+
+from __future__ import annotations
+
+import math
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rlrun.envs.base import Environment, Example
+from rlrun.inference import Completion
+from rlrun.orchestrator.eval import EVAL_TEMPERATURE, Evaluator, eval_metrics, eval_table, is_eval_step
+from rlrun.orchestrator.extras import (
+    best_and_worst,
+    is_logging_step,
+    log_rollout_extras,
+    sample_rows,
+    select_samples,
+)
+from rlrun.log import render_table
+from rlrun.orchestrator.rollout import build_batch, completion_metrics, group_advantages, reward_metrics
+
+
+def _completion(tokens: list[int], finish: str = "stop") -> Completion:
+    return Completion(token_ids=tokens, logprobs=[-0.5 - 0.1 * i for i in range(len(tokens))], finish_reason=finish)
+
+
+# ---------------------------------------------------------------- advantages
+
+
+def test_group_advantages_by_hand():
+    # Group 1: mean 1, pstdev sqrt(1/2) -> (r - 1) / (std + eps). Group 2: all equal -> 0 everywhere.
+    eps = 1e-4
+    adv = group_advantages([0.0, 2.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5], group_size=4, eps=eps)
+    std = math.sqrt(0.5)
+    assert adv[:4] == pytest.approx([-1 / (std + eps), 1 / (std + eps), 0.0, 0.0])
+    assert adv[4:] == [0.0, 0.0, 0.0, 0.0], "a zero-std group carries no signal"
+    with_eps = group_advantages([0.0, 1.0], group_size=2)  # default eps 1e-4: mean 0.5, std 0.5
+    assert with_eps == pytest.approx([-0.5 / (0.5 + 1e-4), 0.5 / (0.5 + 1e-4)])
+    assert sum(group_advantages([0.3, 0.9, 0.1], 3)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_group_advantages_reject_a_ragged_batch():
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_advantages([1.0] * 6, group_size=4)
+
+
+# ---------------------------------------------------------------- batch tensors
+
+
+def test_build_batch_masks_and_positions():
+    prompts = [[1, 2], [3]]
+    completions = [_completion([5, 6, 7]), _completion([8], "length")]
+    t = build_batch(prompts, completions, [1.5, -0.5], pad_id=0)
+    assert t["input_ids"].tolist() == [[1, 2, 5, 6, 7], [3, 8, 0, 0, 0]]
+    assert t["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    # Only completion tokens are trained on; padding and prompts are masked out.
+    assert t["loss_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 1, 0, 0, 0]]
+    torch.testing.assert_close(t["old_logprobs"][0], torch.tensor([0.0, 0.0, -0.5, -0.6, -0.7]))
+    torch.testing.assert_close(t["old_logprobs"][1], torch.tensor([0.0, -0.5, 0.0, 0.0, 0.0]))
+    assert t["advantages"].tolist() == [1.5, -0.5]
+    assert t["input_ids"].dtype == torch.long and t["loss_mask"].dtype == torch.float32
+
+
+# ---------------------------------------------------------------- metrics
+
+
+SCORES = [
+    {"lcs": 1.0, "short": 0.0, "reward": 1.0},
+    {"lcs": 0.0, "short": 1.0, "reward": 1.0},
+    {"lcs": 0.5, "short": 0.0, "reward": 0.5},
+    {"lcs": 0.5, "short": 0.0, "reward": 0.5},
+]
+
+
+def test_reward_metrics_by_hand():
+    m = reward_metrics(SCORES, group_size=2)
+    assert m["reward"] == 0.75
+    assert m["reward_std"] == 0.0 and m["frac_reward_zero_std"] == 1.0  # both groups tie
+    assert m["rewards/lcs/mean"] == 0.5 and m["rewards/lcs/std"] == pytest.approx(math.sqrt(0.125))
+    assert m["rewards/short/mean"] == 0.25 and m["rewards/short/std"] == pytest.approx(math.sqrt(3 / 16))
+    m = reward_metrics([{"reward": r} for r in (0.0, 1.0, 0.5, 0.5)], group_size=2)
+    assert m["reward_std"] == 0.25 and m["frac_reward_zero_std"] == 0.5
+    assert not [k for k in m if k.startswith("rewards/")]
+
+
+def test_completion_metrics_by_hand():
+    m = completion_metrics([_completion([1, 2]), _completion([1, 2, 3, 4], "length"), _completion([1, 2, 3, 4, 5, 6])])
+    assert m["completions/mean_length"] == 4.0
+    assert (m["completions/min_length"], m["completions/max_length"]) == (2.0, 6.0)
+    assert m["completions/clipped_ratio"] == pytest.approx(1 / 3)
+    assert m["completions/mean_terminated_length"] == 4.0
+    assert (m["completions/min_terminated_length"], m["completions/max_terminated_length"]) == (2.0, 6.0)
+    none_stopped = completion_metrics([_completion([1], "length")])
+    assert none_stopped["completions/mean_terminated_length"] == 0.0
+
+
+# ---------------------------------------------------------------- sample selection
+
+
+REWARDS = [0.2, 0.9, 0.0, 0.5, 0.5, 0.1, 0.3, 0.7]
+LENGTHS = [5, 6, 7, 1, 9, 4, 3, 2]
+
+
+def test_select_samples_picks_the_informative_ones_first():
+    picks = select_samples(REWARDS, LENGTHS, 4, random.Random(0))
+    assert picks == [(1, "best reward"), (2, "worst reward"), (3, "shortest"), (4, "longest")]
+    picks = select_samples(REWARDS, LENGTHS, 6, random.Random(0))
+    assert picks[:4] == [(1, "best reward"), (2, "worst reward"), (3, "shortest"), (4, "longest")]
+    assert [why for _, why in picks[4:]] == ["random", "random"]
+    assert len({i for i, _ in picks}) == 6, "no rollout twice"
+
+
+def test_select_samples_is_bounded_and_never_repeats():
+    assert select_samples(REWARDS, LENGTHS, 2, random.Random(0)) == [(1, "best reward"), (2, "worst reward")]
+    assert select_samples(REWARDS, LENGTHS, 0, random.Random(0)) == []
+    everything = select_samples(REWARDS, LENGTHS, 100, random.Random(0))
+    assert sorted(i for i, _ in everything) == list(range(8))
+    # One rollout both best and longest: it is listed once, and the next criterion fills in.
+    picks = select_samples([1.0, 0.0, 0.5], [9, 5, 1], 3, random.Random(0))
+    assert picks == [(0, "best reward"), (1, "worst reward"), (2, "shortest")]
+    assert select_samples([], [], 4, random.Random(0)) == []
+    with pytest.raises(ValueError):
+        select_samples([1.0], [1, 2], 1, random.Random(0))
+
+
+def test_select_samples_is_deterministic_with_a_seed():
+    rewards = [random.Random(1).random() for _ in range(64)]
+    lengths = list(range(64))
+    first = select_samples(rewards, lengths, 8, random.Random("0/samples/3"))
+    assert first == select_samples(rewards, lengths, 8, random.Random("0/samples/3"))
+    others = {tuple(select_samples(rewards, lengths, 8, random.Random(seed))) for seed in range(5)}
+    assert len(others) > 1, "the random picks do depend on the seed"
+
+
+def test_sample_rows_have_every_column():
+    scores = [{"lcs": 0.5, "reward": 0.5}, {"lcs": 1.0, "reward": 1.0}]
+    rows = sample_rows(7, [(1, "best reward")], ["ab=", "cd="], ["ba", "dc"], scores, [0.0, 1.0], [3, 3], [2, 3])
+    assert rows == [{
+        "step": 7, "selected_as": "best reward", "prompt": "cd=", "completion": "dc", "lcs": 1.0, "reward": 1.0,
+        "advantage": 1.0, "prompt_tokens": 3, "completion_tokens": 3,
+    }]  # fmt: skip
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.samples: list = []
+        self.distributions: dict = {}
+
+    def log_samples(self, rows, step):
+        self.samples.append((step, rows))
+
+    def log_distribution(self, name, values, step):
+        self.distributions[name] = (step, list(values))
+
+
+def test_log_rollout_extras_follows_the_job_config():
+    scores = [{"lcs": r, "reward": r} for r in REWARDS]
+    args = (["p"] * 8, ["c"] * 8, scores, [0.1] * 8, [4] * 8, LENGTHS)
+    both = _Recorder()
+    cfg = SimpleNamespace(samples=True, distributions=True, samples_per_step=3)
+    log_rollout_extras(both, cfg, 4, random.Random(0), *args)
+    ((step, rows),) = both.samples
+    assert step == 4 and [r["selected_as"] for r in rows] == ["best reward", "worst reward", "shortest"]
+    assert both.distributions == {
+        "distributions/reward": (4, REWARDS),
+        "distributions/advantage": (4, [0.1] * 8),
+        "distributions/completion_length": (4, LENGTHS),
+    }
+    only_dists = _Recorder()
+    log_rollout_extras(only_dists, SimpleNamespace(samples=False, distributions=True, samples_per_step=3), 4,
+                       random.Random(0), *args)  # fmt: skip
+    assert only_dists.samples == [] and len(only_dists.distributions) == 3
+    assert [is_logging_step(s, 5) for s in (1, 4, 5, 10, 11)] == [False, False, True, True, False]
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def test_eval_steps_and_metrics():
+    assert [s for s in range(1, 11) if is_eval_step(s, 3, 10)] == [3, 6, 9, 10], "and at the last step"
+    assert [s for s in range(1, 11) if is_eval_step(s, 0, 10)] == [], "0: off"
+    m = eval_metrics([{"lcs": 1.0, "reward": 1.0}, {"lcs": 0.0, "reward": 0.0}],
+                     [_completion([1, 2]), _completion([1, 2, 3, 4], "length")])  # fmt: skip
+    assert m["eval/reward"] == 0.5 and m["eval/reward_std"] == 0.5, "std across the held-out prompts"
+    assert m["eval/rewards/lcs/mean"] == 0.5 and m["eval/completions/mean_length"] == 3.0
+    assert m["eval/completions/clipped_ratio"] == 0.5
+    assert all(k.startswith("eval/") for k in m) and "eval/frac_reward_zero_std" not in m
+
+
+def test_best_and_worst_and_the_table():
+    assert best_and_worst([0.5, 1.0, 0.0, 0.7, 0.2], 4) == [1, 3, 4, 2], "two best, two worst, by reward"
+    assert best_and_worst([0.5, 1.0, 0.0], 3) == [1, 0, 2]
+    assert best_and_worst([0.5, 1.0], 10) == [1, 0] and best_and_worst([0.5], 0) == []
+    text = eval_table(6, ["ab=", "cd=", "[/]x="], ["ba", "[bold]no", "??"], [1.0, 0.0, 0.25], 2)
+    assert "eval samples at step 6" in text
+    assert "ab=" in text and "ba" in text and "[bold]no" in text, "completions shown literally, never as markup"
+    assert "[/]x=" not in text, "only the best and the worst"
+    assert eval_table(6, ["a"], ["b"], [1.0], 0) == ""
+    assert "0.1235" in render_table("t", ["x"], [(0.123456,)])
+
+
+class _CharTokenizer:
+    bos_token_id = 0
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+class _Env(Environment):
+    name = "toy"
+
+    def __init__(self):
+        super().__init__(SimpleNamespace(reward_weights={}))
+        self.reward_fns = {"exact": lambda completion, ex: float(completion == ex.answer)}
+
+    def sample(self, rng, n, split="train"):
+        assert split == "eval"
+        return [Example(prompt=f"{c}{c}=", answer=c) for c in "abcdefgh"[:n]]
+
+
+def test_evaluator_runs_one_greedy_completion_per_held_out_prompt():
+    env = _Env()
+    calls = []
+
+    class Client:
+        def complete(self, prompt_ids, n, max_tokens, temperature, seed=None):
+            calls.append((len(prompt_ids), n, max_tokens, temperature))
+            # Prompt "xx=" -> completion "x" for the first half, "?" for the rest.
+            return [[_completion([p[1] if i < 3 else ord("?")])] for i, p in enumerate(prompt_ids)]
+
+    class Pool:
+        def score(self, texts, examples):
+            return [env.score(t, ex) for t, ex in zip(texts, examples)]
+
+    lines = []
+    log = SimpleNamespace(info=lines.append)
+    evaluator = Evaluator(env, _CharTokenizer(), num_prompts=6, max_tokens=5, num_to_print=2)
+    metrics = evaluator.evaluate(9, Client(), Pool(), log)
+    assert calls == [(6, 1, 5, EVAL_TEMPERATURE)] and EVAL_TEMPERATURE == 0.0
+    assert metrics["eval/reward"] == 0.5 and metrics["eval/rewards/exact/mean"] == 0.5
+    assert metrics["eval/completions/mean_length"] == 1.0
+    assert "eval at step 9: reward 0.500 over 6 held-out prompts" in lines[0]
+    assert "eval samples at step 9" in lines[1] and "aa=" in lines[1] and "ff=" in lines[1]
+    quiet = Evaluator(env, _CharTokenizer(), num_prompts=6, max_tokens=5, num_to_print=0)
+    lines.clear()
+    quiet.evaluate(9, Client(), Pool(), log)
+    assert len(lines) == 1, "num_val_samples_to_print=0: no table"
+    assert Evaluator(env, _CharTokenizer(), 0, 5, 2).evaluate(1, Client(), Pool(), log) == {}
