@@ -25,8 +25,8 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest $(ARGS)
 
-bench: $(VENV)/.installed-dev
-	$(PY) benchmarks/tracker.py
+bench: $(VENV)/.installed
+	$(PY) benchmarks/tracker.py $(ARGS)
 
 mlflow-ui: $(VENV)/.installed
 	$(PY) -m mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db \

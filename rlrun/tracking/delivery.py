@@ -1,17 +1,18 @@
 """Writer threads: deliver queued tracker events to one backend, never losing any.
 
-The training thread only calls `BackendWorker.submit` (a lock-free queue put). The
-worker thread owns everything slow: opening the backend, batching consecutive metric
-points into one call, retrying a failing backend with exponential backoff, keeping what
-it could not deliver in a FIFO backlog that spills to disk past `max_in_memory` events,
-and warning about failures at most once per `warn_interval_s`.
+The training thread only calls `BackendWorker.submit`: a deque append that wakes no
+thread (waking one per call let the woken writer preempt the caller on a busy machine).
+The worker thread looks for new events every `WAKE_INTERVAL_S` (at once for a flush or a
+stop) and owns everything slow: opening the backend, batching consecutive metric points
+into one call, retrying a failing backend with exponential backoff, keeping what it could
+not deliver in a FIFO backlog that spills to disk past `max_in_memory` events, and
+warning about failures at most once per `warn_interval_s`.
 """
 
 from __future__ import annotations
 
 import logging
 import pickle
-import queue
 import threading
 import time
 from collections import deque
@@ -22,6 +23,11 @@ from typing import Any
 from rlrun.tracking.base import Backend, MetricPoint
 
 log = logging.getLogger("rlrun.tracking")
+
+# How often an idle writer thread looks for new events: the most a point waits before its
+# backend gets it. Waking per event instead would cost the caller a thread wake-up on every
+# call, and the writer a backend call per step rather than one per batch.
+WAKE_INTERVAL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -124,7 +130,8 @@ class BackendWorker:
         self.backend = backend
         self.cfg = delivery_cfg
         self.name = backend.name
-        self.inbox: queue.SimpleQueue[Event | _Control] = queue.SimpleQueue()
+        self.inbox: deque[Event | _Control] = deque()  # append/popleft are atomic
+        self._wake = threading.Event()  # set for flush and stop requests only
         self.backlog = Backlog(delivery_cfg.max_in_memory, spill_dir / f"{backend.name}.spill")
         self.delivered = 0  # events delivered (for tests and the final report)
         self.failures = 0  # failed delivery attempts
@@ -141,18 +148,20 @@ class BackendWorker:
     # ---------------------------------------------------------------- caller side
 
     def submit(self, event: Event) -> None:
-        self.inbox.put(event)
+        self.inbox.append(event)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted so far is delivered; False on timeout."""
         control = _Control(stop=False)
-        self.inbox.put(control)
+        self.inbox.append(control)
+        self._wake.set()
         return control.done.wait(timeout)
 
     def request_stop(self) -> threading.Event:
         """Ask the thread to deliver what it has (within `flush_timeout_s`), finish the backend and end."""
         control = _Control(stop=True)
-        self.inbox.put(control)
+        self.inbox.append(control)
+        self._wake.set()
         return control.done
 
     def join(self, timeout: float | None = None) -> None:
@@ -185,22 +194,20 @@ class BackendWorker:
         return max(0.0, self._next_try - time.monotonic())
 
     def _take(self, wait: float | None) -> None:
-        """Move inbox items to the backlog: block up to `wait` for the first, then drain."""
-        try:
-            item = self.inbox.get(timeout=wait) if wait != 0.0 else self.inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
+        """Move inbox items to the backlog, first sleeping up to `wait` (None: until the next
+        wake-up) unless a flush or stop request comes in."""
+        timeout = WAKE_INTERVAL_S if wait is None else min(wait, WAKE_INTERVAL_S)
+        if timeout > 0:
+            self._wake.wait(timeout)
+        self._wake.clear()  # a request appended before this is drained below
+        while self.inbox:
+            item = self.inbox.popleft()
             if isinstance(item, _Control):
                 item.target_seq = self._received
                 self._waiting.append(item)
             else:
                 self._received += 1
                 self.backlog.append(item)
-            try:
-                item = self.inbox.get_nowait()
-            except queue.Empty:
-                return
 
     def _deliver(self) -> None:
         while len(self.backlog):

@@ -20,7 +20,7 @@ from rlrun.tracking.backends import backend_class
 from rlrun.tracking.backends.jsonl import jsonl_path, last_logged_step
 from rlrun.tracking.base import MetricPoint, TrackerContext
 from rlrun.tracking.delivery import BackendWorker, Event
-from rlrun.tracking.reduce import reduce_metrics
+from rlrun.tracking.reduce import process_group, reduce_metrics
 from rlrun.tracking.timing import StepTimer
 
 log = logging.getLogger("rlrun.tracking")
@@ -33,13 +33,8 @@ def enabled_backends(logger_cfg: Any) -> list[str]:
 
 
 def _dist_rank() -> int:
-    import sys
-
-    if "torch.distributed" not in sys.modules:  # never import torch just to learn we are rank 0
-        return 0
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    dist = process_group()  # never imports torch just to learn we are rank 0
+    return dist.get_rank() if dist is not None else 0
 
 
 class Tracker:

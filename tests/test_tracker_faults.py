@@ -1,0 +1,310 @@
+"""The Tracker under faults, with real backends read back with their own readers.
+
+- An MLflow server SIGKILLed while the Tracker logs, then restarted on the same store and
+  port: every point lands exactly once and no `log_metrics` call waits for the server.
+- Secrets in the config reach no file and no backend (jsonl, TensorBoard, MLflow, W&B).
+- W&B online without credentials fails when the Tracker is built, saying what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from mlflow import MlflowClient  # noqa: E402
+from mlflow_server import MlflowServer  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from rlrun.config import RunConfig  # noqa: E402
+from rlrun.tracking import Tracker  # noqa: E402
+from rlrun.tracking.backends.jsonl import read_records  # noqa: E402
+
+# W&B's system-metrics sampler and requirements capture are not under test.
+WANDB_FAST = {"x_disable_stats": True, "x_save_requirements": False, "disable_git": True}
+
+
+def _logger_cfg(**enabled: bool):
+    """The `logger` node of a whole run config (its `${name}` interpolations resolve)."""
+    cfg = OmegaConf.structured(RunConfig).logger
+    for name, on in enabled.items():
+        cfg[name].enabled = on
+    return cfg
+
+
+# ---------------------------------------------------------------- (a) server killed mid-run
+
+
+def test_mlflow_server_killed_and_restarted_mid_run(tmp_path, caplog):
+    server = MlflowServer(tmp_path / "server").start()
+    try:
+        _log_through_an_outage(server, tmp_path, caplog)
+    finally:
+        server.stop()
+
+
+def _log_through_an_outage(server: MlflowServer, tmp_path: Path, caplog) -> None:
+    cfg = _logger_cfg(mlflow=True)
+    cfg.mlflow.tracking_uri = server.uri
+    cfg.mlflow.experiment_name = "outage"
+    cfg.delivery.retry_initial_s = 0.05
+    cfg.delivery.retry_max_s = 0.5
+    tracker = Tracker(cfg, job="trainer", output_dir=tmp_path / "run")
+    worker = tracker.workers["mlflow"]
+
+    durations: list[float] = []
+    logged: dict[int, dict[str, float]] = {}
+
+    def log(step: int) -> None:
+        metrics = {f"m{i}": step * 10.0 + i for i in range(5)}
+        start = time.perf_counter()
+        tracker.log_metrics(metrics, step)
+        durations.append(time.perf_counter() - start)
+        logged[step] = metrics
+        time.sleep(0.01)
+
+    step = 0
+    while step < 100:
+        log(step)
+        step += 1
+    assert tracker.flush(timeout=30), "delivered while the server is up"
+
+    server.kill()  # SIGKILL: no graceful shutdown
+    restarted = threading.Event()
+    restart_error: list[BaseException] = []
+
+    def restart() -> None:
+        try:
+            time.sleep(0.5)  # some steps while nothing listens on the port at all
+            server.start()
+        except BaseException as exc:  # noqa: BLE001
+            restart_error.append(exc)
+        restarted.set()
+
+    restarter = threading.Thread(target=restart)
+    restarter.start()
+    while not restarted.is_set():  # keep logging through the outage and the restart
+        log(step)
+        step += 1
+    outage_end = step
+    while step < max(300, outage_end + 50):  # and on after it
+        log(step)
+        step += 1
+    restarter.join()
+    assert not restart_error, restart_error
+    assert worker.failures > 0, "the outage was noticed (deliveries failed and were retried)"
+    assert tracker.flush(timeout=60), "delivery resumed after the restart, before finish()"
+    tracker.finish()
+
+    client = MlflowClient(server.uri)
+    run_id = worker.backend.run_id
+    for i in range(5):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, f"trainer/m{i}"))
+        assert history == [(s, logged[s][f"m{i}"]) for s in range(step)], f"m{i}: each point exactly once"
+    records = [r for r in read_records(tmp_path / "run" / "metrics" / "trainer.jsonl") if r["type"] == "metrics"]
+    assert [r["step"] for r in records] == list(range(step)), "the jsonl record did not wait for MLflow"
+    assert any("tracker backend mlflow failed" in r.getMessage() for r in caplog.records)
+    worst = max(durations)
+    assert worst < 0.05, f"a log_metrics call blocked {worst * 1000:.1f} ms during the outage"
+
+
+# ---------------------------------------------------------------- (b) secrets
+
+
+WANDB_KEY = "wandb_v1_" + "Ab3dE6gH9jK2mN5pQ8sT1vW4yZ7bC0eF3hJ6kM9n"  # new-style W&B key, 40 chars
+HF_TOKEN = "hf_" + "QwErTyUiOpAsDfGhJkLzXcVbNm1234567890"  # looks like a Hugging Face token
+GITHUB_PAT = "github_pat_" + "11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz"
+SECRETS = (WANDB_KEY, HF_TOKEN, GITHUB_PAT)
+
+
+def _wandb_records(run_file: Path) -> list[dict]:
+    """wandb's own reader for an offline run's transaction log (see test_backend_wandb.py)."""
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    out = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_file)],
+        capture_output=True, text=True, env=env, timeout=60, check=True,
+    )  # fmt: skip
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+def test_secrets_reach_no_backend(tmp_path, monkeypatch):
+    for name in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    cfg = OmegaConf.structured(RunConfig)
+    cfg.name = "secrets"
+    cfg.logger.wandb.api_key = WANDB_KEY  # secret by its key's name
+    cfg.model.path = HF_TOKEN  # secret by its value only
+    cfg.logger.console.metrics = ["loss", GITHUB_PAT]  # in a list
+    log_cfg = cfg.logger
+    log_cfg.tensorboard.enabled = True
+    log_cfg.mlflow.enabled = True
+    log_cfg.mlflow.tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log_cfg.mlflow.experiment_name = "secrets"
+    log_cfg.wandb.enabled = True
+    log_cfg.wandb.offline = True
+    log_cfg.wandb.dir = str(tmp_path / "wandb_root")
+    run_dir = tmp_path / "run"
+
+    tracker = Tracker(log_cfg, job="trainer", output_dir=run_dir, extra={"wandb_settings": WANDB_FAST})
+    assert sorted(tracker.workers) == ["jsonl", "mlflow", "tensorboard", "wandb"]
+    tracker.log_hyperparams(cfg)
+    for step in range(3):
+        tracker.log_metrics({"loss": 1.0 / (step + 1)}, step)
+    tracker.log_samples([{"prompt": "abc", "completion": "cba", "reward": 1.0}], step=2)
+    tracker.log_distribution("rewards", [0.0, 0.5, 1.0], step=2)
+    tracker.finish()
+    assert all(w.delivered >= 6 for w in tracker.workers.values()), "every backend got everything"
+
+    # jsonl: redacted, but the params are all there.
+    jsonl = run_dir / "metrics" / "trainer.jsonl"
+    (hp,) = [r["params"] for r in read_records(jsonl) if r["type"] == "hyperparams"]
+    assert hp["logger.wandb.api_key"] == hp["model.path"] == "<redacted>"
+    assert hp["logger.console.metrics"] == '["loss", "<redacted>"]'
+    assert hp["trainer.lr"] == 0.003, "only the secrets are redacted"
+
+    # TensorBoard: the raw event files.
+    tb_files = [p for p in (run_dir / "tensorboard").rglob("*") if p.is_file()]
+    assert tb_files, "TensorBoard wrote event files"
+    assert any(b"| logger.wandb.api_key | <redacted> |" in p.read_bytes() for p in tb_files), "hyperparams written"
+    for path in tb_files:
+        for secret in SECRETS:
+            assert secret.encode() not in path.read_bytes(), (secret, path)
+
+    # MLflow: the run's params as MLflow returns them.
+    client = MlflowClient(log_cfg.mlflow.tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("secrets").experiment_id])
+    params = run.data.params
+    assert params["logger.wandb.api_key"] == params["model.path"] == "<redacted>"
+    assert params["trainer.lr"] == "0.003"
+    for value in list(params.values()) + list(run.data.tags.values()):
+        for secret in SECRETS:
+            assert secret not in value, (secret, value)
+
+    # W&B: the offline run's config, read back with wandb's reader, and every file's bytes.
+    run_id = tracker.run_identity()["wandb_run_id"]
+    (wandb_run_dir,) = (tmp_path / "wandb_root" / "wandb").glob(f"offline-run-*-{run_id}")
+    records = _wandb_records(wandb_run_dir / f"run-{run_id}.wandb")
+    config: dict = {}
+    for record in records:
+        if record["type"] == "config":
+            config.update(record["config"].get("update", {}))
+    assert config["logger.wandb.api_key"] == config["model.path"] == "<redacted>"
+    assert config["trainer.lr"] == 0.003
+    assert any(r["type"] == "history" for r in records), "the metrics are in the run"
+    for secret in SECRETS:
+        assert secret not in json.dumps(records), secret
+
+    # And no file anywhere under the test's directory holds a secret: jsonl, the MLflow
+    # database and artifacts, TensorBoard, the W&B run and W&B's data, cache and config dirs.
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in files) and any(p.name == "mlflow.db" for p in files)
+    for path in files:
+        data = path.read_bytes()
+        for secret in SECRETS:
+            assert secret.encode() not in data, (secret, path)
+
+
+# ---------------------------------------------------------------- (c) W&B online, no credentials
+
+
+def test_wandb_online_without_credentials_fails_at_construction(tmp_path, monkeypatch):
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    cfg = _logger_cfg(wandb=True, tensorboard=True)
+    threads_before = {t.name for t in threading.enumerate()}
+    start = time.monotonic()
+    with pytest.raises(RuntimeError) as err:
+        Tracker(cfg, job="trainer", output_dir=tmp_path / "run")
+    assert time.monotonic() - start < 10, "fails at once, not after trying to connect"
+    message = str(err.value)
+    assert "wandb login" in message and "logger.wandb.offline=true" in message
+    assert "WANDB_API_KEY" in message
+    assert not {t.name for t in threading.enumerate() if t.name.startswith("tracker-")} - threads_before, (
+        "no writer thread was started"
+    )
+    assert not (tmp_path / "run").exists(), "nothing was written"
+    # The same config offline builds (and finishes) fine.
+    cfg.wandb.offline = True
+    cfg.wandb.dir = str(tmp_path / "wandb_root")
+    Tracker(cfg, job="trainer", output_dir=tmp_path / "run", extra={"wandb_settings": WANDB_FAST}).finish()
+
+
+# ---------------------------------------------------------------- (d) a writer thread importing torch
+
+_IMPORT_RACE = """
+import json, sys, time
+from omegaconf import OmegaConf
+from rlrun.config import RunConfig
+from rlrun.tracking import Tracker
+
+cfg = OmegaConf.structured(RunConfig).logger
+cfg.tensorboard.enabled = True  # its writer thread imports torch when it opens
+tracker = Tracker(cfg, job="trainer", output_dir=sys.argv[1])
+assert "torch" not in sys.modules
+worst, in_window, step = 0.0, 0, 0
+while step < 5 or tracker.workers["tensorboard"].delivered == 0:
+    torch = sys.modules.get("torch")
+    # torch.distributed registered but torch not done importing: `import torch.distributed`
+    # here would wait on the import lock until the writer thread's import finishes.
+    in_window += "torch.distributed" in sys.modules and bool(getattr(torch.__spec__, "_initializing", False))
+    start = time.perf_counter()
+    tracker.log_metrics({"x": float(step)}, step)
+    worst = max(worst, time.perf_counter() - start)
+    step += 1
+    time.sleep(0.001)
+tracker.finish()
+print(json.dumps({"worst": worst, "in_window": in_window, "steps": step}))
+"""
+
+
+def test_writer_thread_importing_torch_does_not_block_the_caller(tmp_path):
+    """log_metrics checks for a process group without waiting for a half-done torch import."""
+    out = subprocess.run(
+        [sys.executable, "-c", _IMPORT_RACE, str(tmp_path)], capture_output=True, text=True, timeout=120, check=True
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["in_window"] > 0, f"the loop never ran while torch was being imported: {result}"
+    assert result["worst"] < 0.05, f"log_metrics blocked {result['worst'] * 1000:.0f} ms: {result}"
+
+
+# ---------------------------------------------------------------- (e) no thread wake-up per call
+
+
+def test_paced_calls_wake_no_writer_and_are_delivered_in_batches(tmp_path):
+    """A call wakes no writer thread (a woken writer preempts the caller on a busy machine);
+    the writer picks up what arrived on its own within a wake interval, in one batch."""
+    from rlrun.tracking.delivery import WAKE_INTERVAL_S
+
+    tracker = Tracker(_logger_cfg(), job="trainer", output_dir=tmp_path)
+    backend = tracker.workers["jsonl"].backend
+    calls: list[int] = []
+    real = backend.log_metrics_batch
+
+    def spy(points):
+        calls.append(len(points))
+        return real(points)
+
+    backend.log_metrics_batch = spy
+    start = time.monotonic()
+    for step in range(100):
+        tracker.log_metrics({"x": float(step)}, step)
+        time.sleep(0.002)  # a paced caller: the writer would otherwise be woken 100 times
+    elapsed = time.monotonic() - start
+    deadline = time.monotonic() + 5
+    while sum(calls) < 100 and time.monotonic() < deadline:  # no flush: it arrives by itself
+        time.sleep(0.01)
+    assert sum(calls) == 100, "delivered without flush() or finish()"
+    assert len(calls) <= elapsed / WAKE_INTERVAL_S + 3, f"{len(calls)} backend calls for 100 paced steps: {calls}"
+    tracker.finish()
+    steps = [r["step"] for r in read_records(tmp_path / "metrics" / "trainer.jsonl") if r["type"] == "metrics"]
+    assert steps == list(range(100))
