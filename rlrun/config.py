@@ -122,6 +122,12 @@ class InferenceConfig:
     max_batch_size: int = 512  # sequences generated together
     startup_timeout_s: float = 120.0
     num_threads: int = 1  # torch intra-op threads of the local server
+    # vLLM's server (`inference=vllm`, see rlrun/inference/vllm.py) only:
+    gpu_memory_utilization: float = 0.9  # share of each inference GPU's memory vLLM may take
+    tensor_parallel_size: int = 1  # GPUs of the server: the first ones visible; the trainer gets the rest
+    max_model_len: Optional[int] = None  # None: the model's own context length
+    dtype: str = "${model.dtype}"  # weights and activations: auto, bfloat16, float16, float32
+    extra_args: list[str] = field(default_factory=list)  # more `vllm serve` flags, e.g. [--enforce-eager]
 
 
 # ---------------------------------------------------------------- log extras and monitoring
@@ -241,8 +247,20 @@ class ConfigError(ValueError):
 _LEVELS = {"TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"}
 
 
+def _check_schema(cfg: DictConfig) -> None:
+    """Keys the schema does not have: Hydra adds `+trainer.typo=1` even to typed nodes."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.to_container(cfg, resolve=False))
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError(f"{key}: {str(exc).splitlines()[0]}") from None
+
+
 def validate(cfg: DictConfig) -> None:
     """Check values that types cannot; raise ConfigError naming the first bad key."""
+    _check_schema(cfg)
 
     def require(ok: bool, key: str, why: str) -> None:
         if not ok:
@@ -279,6 +297,9 @@ def validate(cfg: DictConfig) -> None:
     require(cfg.orchestrator.keep_last >= 1, "orchestrator.keep_last", "must be >= 1")
     require(cfg.task.max_chars >= cfg.task.min_chars, "task.max_chars", "must be >= task.min_chars")
     require(cfg.trainer.device in ("cpu", "cuda"), "trainer.device", "must be 'cpu' or 'cuda'")
+    require(cfg.inference.backend in ("local", "vllm"), "inference.backend", "must be 'local' or 'vllm'")
+    require(0 < cfg.inference.gpu_memory_utilization <= 1, "inference.gpu_memory_utilization", "must be in (0, 1]")
+    require(cfg.inference.tensor_parallel_size > 0, "inference.tensor_parallel_size", "must be > 0")
     for key in ("log_level", "env_workers.level", "env_workers.env_level"):
         require(str(OmegaConf.select(cfg, key)).upper() in _LEVELS, key, f"must be one of {sorted(_LEVELS)}")
     require(cfg.model.name in ("tiny", "hf"), "model.name", "must be 'tiny' or 'hf'")

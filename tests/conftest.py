@@ -24,3 +24,33 @@ def _fresh_logger():
     reset_logger()
     yield
     reset_logger()
+
+
+def _has_gpu() -> bool:
+    """An NVIDIA GPU this process can see: through NVML (cheap), else through torch."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            if pynvml.nvmlDeviceGetCount() > 0:
+                return True
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        pass
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests are skipped on machines without a GPU."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu_items and not _has_gpu():
+        skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
+        for item in gpu_items:
+            item.add_marker(skip)

@@ -3,6 +3,12 @@
 Prompts go out as token ids and completions come back as token ids with their logprobs
 (`return_tokens_as_token_ids`, a vLLM extension the local server also speaks), so no text
 ever round-trips through a tokenizer between sampling and training. Imports no torch.
+
+`update_weights(path)` is the one call for new weights on either server; the client tells
+them apart by `/v1/models` (vLLM's cards are `owned_by: "vllm"`) unless given `backend`:
+- local: `POST /update_weights {"path": ...}`;
+- vLLM: `POST /collective_rpc {"method": "update_weights_from_path", "args": [path]}` (the
+  worker extension `rlrun.inference.vllm_worker`), then `POST /reset_prefix_cache`.
 """
 
 from __future__ import annotations
@@ -16,18 +22,28 @@ import requests
 from rlrun.inference import Completion
 
 _TOKEN_ID_PREFIX = "token_id:"
+BACKENDS = ("local", "vllm")
+VLLM_UPDATE_METHOD = "update_weights_from_path"  # rlrun.inference.vllm_worker.WeightUpdateExtension
 
 
 class InferenceError(RuntimeError):
     """The server answered with an error (the message carries its status and text)."""
 
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
 
 class InferenceClient:
-    def __init__(self, base_url: str, timeout: float = 300.0, model: str | None = None):
-        """`base_url` like `http://127.0.0.1:8000` (no `/v1`); `model` defaults to the served one."""
+    def __init__(self, base_url: str, timeout: float = 300.0, model: str | None = None, backend: str | None = None):
+        """`base_url` like `http://127.0.0.1:8000` (no `/v1`); `model` defaults to the served one;
+        `backend` ("local" or "vllm") defaults to what the server says it is."""
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}: must be one of {BACKENDS}")
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self._model = model
+        self._backend = backend
         self._session = requests.Session()  # keep-alive: one connection for the whole run
 
     # ------------------------------------------------------------ plumbing
@@ -39,8 +55,8 @@ class InferenceClient:
                 message = response.json()["error"]["message"]
             except Exception:
                 message = response.text[:500]
-            raise InferenceError(f"{method} {path} -> {response.status_code}: {message}")
-        return response.json()
+            raise InferenceError(f"{method} {path} -> {response.status_code}: {message}", response.status_code)
+        return response.json() if response.content else {}  # vLLM answers some routes with an empty 200
 
     def close(self) -> None:
         self._session.close()
@@ -68,8 +84,22 @@ class InferenceClient:
     def model(self) -> str:
         """The served model's name (vLLM requires it in every request)."""
         if self._model is None:
-            self._model = self._request("GET", "/v1/models")["data"][0]["id"]
-        return self._model
+            self._read_model_card()
+        return self._model  # type: ignore[return-value]
+
+    @property
+    def backend(self) -> str:
+        """"vllm" or "local": which server this is (from `/v1/models` unless given)."""
+        if self._backend is None:
+            self._read_model_card()
+        return self._backend  # type: ignore[return-value]
+
+    def _read_model_card(self) -> None:
+        card = self._request("GET", "/v1/models")["data"][0]
+        if self._model is None:
+            self._model = card["id"]
+        if self._backend is None:
+            self._backend = "vllm" if card.get("owned_by") == "vllm" else "local"
 
     def complete(
         self,
@@ -99,7 +129,25 @@ class InferenceClient:
         return [completions[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
 
     def update_weights(self, path: str | Path) -> dict[str, Any]:
-        """Tell the server to load weights written by `rlrun.model.save_weights`."""
+        """Tell the server to load weights written by `rlrun.model.save_weights`, in place.
+
+        On vLLM: every worker loads them (`/collective_rpc`), then the prefix cache is
+        emptied so no KV computed with the old weights is reused.
+        """
+        if self.backend == "vllm":
+            body = {"method": VLLM_UPDATE_METHOD, "args": [str(path)]}
+            try:
+                result = self._request("POST", "/collective_rpc", json=body)
+            except InferenceError as exc:
+                if exc.status == 404:  # started by hand without what rlrun.inference.vllm sets
+                    raise InferenceError(
+                        f"{exc} (vLLM serves /collective_rpc only with VLLM_SERVER_DEV_MODE=1, and "
+                        f"{VLLM_UPDATE_METHOD} only with --worker-extension-cls "
+                        "rlrun.inference.vllm_worker.WeightUpdateExtension)", exc.status
+                    ) from exc
+                raise
+            self._request("POST", "/reset_prefix_cache")
+            return result
         return self._request("POST", "/update_weights", json={"path": str(path)})
 
 
