@@ -44,6 +44,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> int:
 
     for value in extract_secrets(cfg).values():
         register_secret(str(value))
+    # Libraries record the command line (W&B's run metadata): a key typed there must not travel.
+    sys.argv[:] = [scrub(arg) for arg in sys.argv]
     _redact_hydra_files(run_dir)
     if resuming:
         _keep_previous_logs(run_dir)
@@ -143,8 +145,15 @@ def _job_commands(cfg: DictConfig, run_dir: Path) -> dict[str, list[str]]:
         if cfg.trainer.num_ranks > 1
         else python_module("rlrun.trainer", *config)
     )
+    inference = python_module("rlrun.inference", *config, "--port-file", str(run_dir / "logs" / ".inference_port"))
+    if cfg.inference.backend == "vllm":  # vLLM's own server: checked, given its port and GPUs (rlrun/inference/vllm.py)
+        from rlrun.inference.vllm import free_port, vllm_commands
+
+        if not cfg.inference.port:  # vLLM writes no port file: the parent picks the port
+            cfg.inference.port = free_port(cfg.inference.host)
+        inference, trainer = vllm_commands(cfg, run_dir, trainer)
     return {
-        "inference": python_module("rlrun.inference", *config, "--port-file", str(run_dir / "logs" / ".inference_port")),
+        "inference": inference,
         "orchestrator": python_module("rlrun.orchestrator", *config),
         "trainer": trainer,
     }
@@ -154,19 +163,30 @@ def _supervise(cfg: DictConfig, run_dir: Path, log: Any) -> int:
     stop = StopFlag().install()
     sup = Supervisor(run_dir, log=log.info)
     env = {**secrets_env(cfg), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    commands = _job_commands(cfg, run_dir)
+    try:
+        commands = _job_commands(cfg, run_dir)
+    except ConfigError as exc:  # e.g. inference=vllm without vLLM or a GPU; no job has started
+        log.error(f"could not start the run: {exc}")
+        _end_mlflow_run(cfg, EXIT_FAILED, log)
+        return EXIT_CONFIG
 
     def job(name: str, cmd: list[str]) -> Job:
         log_file = job_log(run_dir, name)
         stdout = log_file if name == "inference" else run_dir / "logs" / f"{name}.stdout"
         return Job(name, cmd, log_file=log_file, stdout_file=stdout, env=env)
 
-    progress = None
+    progress = monitor = None
     code = 0
     try:
         port_file = run_dir / "logs" / ".inference_port"
         port_file.unlink(missing_ok=True)
         inference = sup.start(job("inference", commands["inference"]))
+        from rlrun.tracking.monitor import start_monitor
+
+        def job_pids() -> dict[str, int]:  # read at every sample: jobs started later are seen too
+            return {j.name: j.proc.pid for j in list(sup.jobs) if j.proc is not None and j.proc.returncode is None}
+
+        monitor = start_monitor(cfg, run_dir, job_pids, warn=log.warning)  # from the first job on: model loading
 
         def port_ready() -> str | None:
             sup.check()
@@ -174,7 +194,10 @@ def _supervise(cfg: DictConfig, run_dir: Path, log: Any) -> int:
                 raise KeyboardInterrupt
             return port_file.read_text().strip() if port_file.is_file() else None
 
-        port = int(wait_for(port_ready, "the inference server's port", timeout_s=cfg.inference.startup_timeout_s))
+        if cfg.inference.backend == "vllm":  # chosen in _job_commands and given to vLLM
+            port = int(cfg.inference.port)
+        else:
+            port = int(wait_for(port_ready, "the inference server's port", timeout_s=cfg.inference.startup_timeout_s))
         from rlrun.inference.client import InferenceClient
 
         InferenceClient(f"http://{cfg.inference.host}:{port}").wait_healthy(cfg.inference.startup_timeout_s, inference.proc)
@@ -210,6 +233,8 @@ def _supervise(cfg: DictConfig, run_dir: Path, log: Any) -> int:
         # A failure stops the others fast; a requested stop lets trackers flush.
         grace = 5.0 if code == EXIT_FAILED else float(cfg.logger.delivery.flush_timeout_s) + 15.0
         sup.stop_all(grace)
+        if monitor is not None:  # after the jobs: its last samples see them go; before the MLflow run ends
+            monitor.close()
         _end_mlflow_run(cfg, code, log)
     return code
 

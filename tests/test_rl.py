@@ -110,6 +110,12 @@ def test_default_run_improves_the_policy_and_leaves_the_whole_record(tmp_path):
     assert last - first >= 0.2, f"reward {first:.3f} -> {last:.3f}"
     assert "mean reward" in (run_dir / "logs" / "rl.log").read_text()
 
+    usage = _metrics(run_dir, "monitor")  # monitor=system (the default), sampled by the parent
+    assert [r["step"] for r in usage] == list(range(1, len(usage) + 1)) and len(usage) >= 5
+    assert {"system/cpu_percent", "system/ram_used_gb", "system/elapsed_s", "system/train_step"} <= set(usage[-1]["metrics"])
+    assert all(any(f"system/rss_mb/{job}" in r["metrics"] for r in usage) for job in ("inference", "orchestrator", "trainer"))
+    assert usage[-1]["metrics"]["system/train_step"] == max_steps, "the last sample is taken at the end"
+
 
 # ---------------------------------------------------------------- bad input
 
@@ -218,7 +224,7 @@ def test_two_ranks_and_two_trackers_offline(tmp_path):
             if record["type"] == "run":
                 names.add(record["run"]["display_name"])
         assert SECRET not in records
-    assert names == {"exp-trainer", "exp-orchestrator"}
+    assert names == {"exp-trainer", "exp-orchestrator", "exp-monitor"}  # monitor=system: the parent's usage run
 
     from mlflow.tracking import MlflowClient
 

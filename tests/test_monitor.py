@@ -1,0 +1,271 @@
+"""The usage monitor: real processes sampled with psutil, NVML's absence, a fake and a real NVML."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import psutil
+import pytest
+from omegaconf import OmegaConf
+
+from rlrun.config import LoggerConfig, MonitorConfig
+from rlrun.tracking import Tracker
+from rlrun.tracking.backends.jsonl import read_records
+from rlrun.tracking.monitor import Monitor, start_monitor
+
+FAST = {"collection_interval": 0.05, "flush_interval": 0.2}
+
+
+def _tracker(run_dir: Path, job: str = "monitor") -> Tracker:
+    return Tracker(OmegaConf.structured(LoggerConfig), job=job, output_dir=run_dir, rank=0)
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [r for r in read_records(run_dir / "metrics" / "monitor.jsonl") if r["type"] == "metrics"]
+
+
+def _run(monitor: Monitor, seconds: float) -> None:
+    monitor.start()
+    time.sleep(seconds)
+    monitor.close()
+
+
+CHILD = "import time; data = b'x' * (30 * 2**20); print('ready', flush=True); time.sleep(60)"
+JOB = f"""
+import subprocess, sys, time
+data = b'x' * (60 * 2**20)  # touched, so it is resident
+child = subprocess.Popen([sys.executable, '-c', {CHILD!r}], stdout=subprocess.PIPE, text=True)
+child.stdout.readline()
+print('ready', flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.fixture
+def job_process():
+    """A real job: a python process holding ~60 MB whose child holds ~30 MB."""
+    proc = subprocess.Popen([sys.executable, "-c", JOB], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    yield proc
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        child.kill()
+    proc.kill()
+    proc.wait()
+
+
+def test_system_metrics_of_a_real_job_reach_the_tracker_in_batches(tmp_path, job_process):
+    trainer = _tracker(tmp_path, job="trainer")  # the trainer's record gives the train_step axis
+    for step in range(1, 8):
+        trainer.log_metrics({"loss": 1.0}, step)
+    trainer.finish()
+
+    tracker = _tracker(tmp_path)
+    calls: list[float] = []  # when each sample was handed to the tracker
+    log_metrics = tracker.log_metrics
+
+    def counted(*args, **kwargs):
+        calls.append(time.monotonic())
+        return log_metrics(*args, **kwargs)
+
+    tracker.log_metrics = counted  # type: ignore[method-assign]
+    monitor = Monitor(tracker, tmp_path, system=True, pids=lambda: {"worker": job_process.pid}, **FAST)
+    _run(monitor, 1.0)
+
+    records = _records(tmp_path)
+    assert len(records) == monitor.samples >= 8, "about one sample per collection_interval"
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1)), "the step is the sample counter"
+    for r in records:
+        m = r["metrics"]
+        assert 0.0 <= m["system/cpu_percent"] <= 100.0
+        assert 0.0 < m["system/ram_used_gb"] and 0.0 < m["system/ram_percent"] < 100.0
+        assert m["system/rss_mb/worker"] >= 90.0, "the resident memory of the job and its child"
+        assert "system/cpu_percent/worker" in m
+        assert m["system/disk_used_gb"] > 0.0 and 0.0 < m["system/disk_percent"] <= 100.0
+        assert m["system/run_dir_gb"] >= 0.0
+        assert m["system/train_step"] == 7.0, "the trainer's newest step"
+    elapsed = [r["metrics"]["system/elapsed_s"] for r in records]
+    assert elapsed == sorted(elapsed) and len(set(elapsed)) == len(elapsed), "wall-clock axis strictly increasing"
+    assert 0.7 <= elapsed[-1] <= 1.5
+
+    # Batching: the samples reach the tracker in bursts, one per flush_interval (on the
+    # sampling grid, so up to one collection_interval early) plus close()'s, not one call
+    # per collection.
+    bursts = [[calls[0]]]
+    for prev, t in zip(calls, calls[1:]):
+        if t - prev > 0.02:  # a burst's calls are microseconds apart; samples are 50 ms apart
+            bursts.append([])
+        bursts[-1].append(t)
+    assert len(calls) == len(records)
+    assert len(bursts) <= monitor.flushes < len(records) / 2  # close() may follow a flush within 20 ms
+    assert max(len(b) for b in bursts) >= 3
+    gaps = [b[0] - a[0] for a, b in zip(bursts, bursts[1:-1])]  # the last burst is close()'s, at any time
+    assert all(gap >= 0.2 - 0.05 - 0.01 for gap in gaps), gaps
+
+
+def test_a_sample_costs_next_to_nothing(tmp_path, job_process):
+    monitor = Monitor(_tracker(tmp_path), tmp_path, system=True, pids=lambda: {"worker": job_process.pid})
+    monitor.sample()  # the first one finds the job's processes
+    start = time.perf_counter()
+    for _ in range(20):
+        monitor.sample()
+    per_sample = (time.perf_counter() - start) / 20
+    monitor.close()
+    assert per_sample < 0.05, f"{per_sample * 1000:.1f} ms per sample"  # typically < 1 ms, every 2 s
+
+
+def test_a_job_that_ends_just_drops_out(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    monitor = Monitor(_tracker(tmp_path), tmp_path, pids=lambda: {"gone": proc.pid, "self": os.getpid()}, **FAST)
+    _run(monitor, 0.3)
+    records = _records(tmp_path)
+    assert records and all("system/rss_mb/gone" not in r["metrics"] for r in records)
+    assert all(r["metrics"]["system/rss_mb/self"] > 10.0 for r in records)
+
+
+def test_resumed_monitor_continues_steps_and_elapsed_time(tmp_path):
+    _run(Monitor(_tracker(tmp_path), tmp_path, **FAST), 0.3)
+    first = _records(tmp_path)
+    _run(Monitor(_tracker(tmp_path), tmp_path, **FAST), 0.3)
+    records = _records(tmp_path)
+    steps = [r["step"] for r in records]
+    assert steps == list(range(1, len(records) + 1)) and len(records) > len(first), "no step logged twice"
+    elapsed = [r["metrics"]["system/elapsed_s"] for r in records]
+    assert elapsed == sorted(elapsed) and elapsed[-1] >= 0.5, "the resumed axis continues, it does not restart at 0"
+
+
+# ---------------------------------------------------------------- GPUs
+
+
+class _NvmlError(Exception):
+    pass
+
+
+def _fake_nvml(count: int = 2, *, init_error: bool = False, no_power: tuple[int, ...] = ()) -> types.ModuleType:
+    """Enough of pynvml (nvidia-ml-py) for the monitor: `count` GPUs of 80 GiB."""
+    nv = types.ModuleType("pynvml")
+    nv.NVML_TEMPERATURE_GPU = 0
+    nv.shutdowns = 0
+
+    def init():
+        if init_error:
+            raise _NvmlError("NVML Shared Library Not Found")
+
+    def shutdown():
+        nv.shutdowns += 1
+
+    def power(handle):
+        if handle in no_power:
+            raise _NvmlError("Not Supported")
+        return 100_000 + 50_000 * handle  # milliwatts
+
+    nv.nvmlInit, nv.nvmlShutdown = init, shutdown
+    nv.nvmlDeviceGetCount = lambda: count
+    nv.nvmlDeviceGetHandleByIndex = lambda i: i
+    nv.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=10 + 20 * h, memory=5)
+    nv.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used=(h + 1) * 2**30, total=80 * 2**30)
+    nv.nvmlDeviceGetPowerUsage = power
+    nv.nvmlDeviceGetTemperature = lambda h, sensor: 40 + 5 * h
+    return nv
+
+
+@pytest.mark.parametrize("nvml", ["missing", "no_library", "no_device", "this_machine"])
+def test_gpu_without_a_usable_gpu_warns_once_and_keeps_system_metrics(tmp_path, monkeypatch, nvml):
+    if nvml == "missing":
+        monkeypatch.setitem(sys.modules, "pynvml", None)  # nvidia-ml-py not installed: ImportError
+    elif nvml == "no_library":
+        monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml(init_error=True))
+    elif nvml == "no_device":
+        monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml(count=0))
+    elif _nvml_gpu_count() > 0:
+        pytest.skip("this machine has a GPU")
+    warnings: list[str] = []
+    monitor = Monitor(_tracker(tmp_path), tmp_path, system=True, gpu=True, warn=warnings.append, **FAST)
+    _run(monitor, 0.4)
+    assert len(warnings) == 1, warnings
+    assert "GPU" in warnings[0] and "system metrics go on" in warnings[0]
+    records = _records(tmp_path)
+    assert len(records) >= 3
+    assert all("system/cpu_percent" in r["metrics"] for r in records)
+    assert not any(k.startswith("gpu/") for r in records for k in r["metrics"])
+
+
+def test_gpu_metrics_per_gpu_and_per_node(tmp_path, monkeypatch):
+    nv = _fake_nvml(count=2, no_power=(1,))
+    monkeypatch.setitem(sys.modules, "pynvml", nv)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    warnings: list[str] = []
+    monitor = Monitor(_tracker(tmp_path), tmp_path, system=False, gpu=True, warn=warnings.append, **FAST)
+    _run(monitor, 0.3)
+    assert len(warnings) == 1 and "GPU 1 gives no power" in warnings[0], "an unsupported reading: warned once"
+    assert nv.shutdowns == 1
+    m = _records(tmp_path)[-1]["metrics"]
+    assert m["gpu/0/utilization"] == 10 and m["gpu/1/utilization"] == 30
+    assert m["gpu/0/memory_used_gb"] == 1.0 and m["gpu/1/memory_used_gb"] == 2.0
+    assert m["gpu/0/memory_total_gb"] == 80.0 and m["gpu/0/power_w"] == 100.0 and "gpu/1/power_w" not in m
+    assert m["gpu/0/temperature_c"] == 40.0 and m["gpu/1/temperature_c"] == 45.0
+    assert m["gpu/node/count"] == 2 and m["gpu/node/utilization"] == 20.0
+    assert m["gpu/node/memory_used_gb"] == 3.0 and m["gpu/node/memory_total_gb"] == 160.0
+    assert m["gpu/node/power_w"] == 100.0 and m["gpu/node/temperature_c"] == 45.0
+    assert "system/cpu_percent" not in m and "system/elapsed_s" in m, "system off: only the axes"
+
+
+def test_gpu_indices_follow_cuda_visible_devices(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml(count=4))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,1")
+    monitor = Monitor(_tracker(tmp_path), tmp_path, system=False, gpu=True, **FAST)
+    m = monitor.sample()
+    monitor.close()
+    assert m["gpu/node/count"] == 2
+    assert m["gpu/0/utilization"] == 50 and m["gpu/1/utilization"] == 30, "gpu/<i> is the CUDA ordinal"
+
+
+def _nvml_gpu_count() -> int:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return pynvml.nvmlDeviceGetCount()
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return 0
+
+
+@pytest.mark.gpu
+def test_real_gpu_through_nvml(tmp_path):
+    warnings: list[str] = []
+    monitor = Monitor(_tracker(tmp_path), tmp_path, system=True, gpu=True, warn=warnings.append, **FAST)
+    _run(monitor, 0.5)
+    m = _records(tmp_path)[-1]["metrics"]
+    assert m["gpu/0/memory_total_gb"] > 0
+    assert 0 <= m["gpu/0/utilization"] <= 100 and 0 <= m["gpu/0/memory_used_gb"] <= m["gpu/0/memory_total_gb"]
+    assert m["gpu/node/count"] >= 1 and m["gpu/node/memory_total_gb"] >= m["gpu/0/memory_total_gb"]
+    assert "system/cpu_percent" in m
+    assert not any("utilization" in w or "memory" in w for w in warnings), warnings
+
+
+# ---------------------------------------------------------------- wiring
+
+
+def test_start_monitor_follows_the_monitor_group_and_leaves_the_console_alone(tmp_path):
+    logger = OmegaConf.structured(LoggerConfig)
+    logger.console.enabled = True
+    cfg = OmegaConf.create({"name": "exp", "logger": logger, "monitor": OmegaConf.structured(MonitorConfig)})
+    assert start_monitor(cfg, tmp_path, dict) is None, "monitor=off: no thread, no record"
+
+    cfg.monitor.system = True
+    cfg.monitor.collection_interval, cfg.monitor.flush_interval = 0.05, 0.1
+    monitor = start_monitor(cfg, tmp_path, dict)
+    assert monitor is not None
+    assert set(monitor.tracker.workers) == {"jsonl"}, "usage lines stay off the console"
+    time.sleep(0.3)
+    monitor.close()
+    monitor.close()  # idempotent
+    assert _records(tmp_path)
