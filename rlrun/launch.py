@@ -129,6 +129,19 @@ class Supervisor:
             self._signal(job, signal.SIGKILL)
             assert job.proc is not None
             job.proc.wait()
+        # SIGKILL is delivered asynchronously: wait (briefly) until every group is empty.
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and any(self._group_alive(job) for job in groups):
+            time.sleep(0.02)
+
+    @staticmethod
+    def _group_alive(job: Job) -> bool:
+        assert job.proc is not None
+        try:
+            os.killpg(job.proc.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
 
     def _signal(self, job: Job, sig: int) -> None:
         assert job.proc is not None

@@ -34,6 +34,17 @@ def _descendants(pids: list[int]) -> list[psutil.Process]:
     return [p for p in found if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
+def _alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
 def test_failing_job_is_named_and_everything_is_stopped(tmp_path):
     sup = Supervisor(tmp_path, log=lambda _m: None)
     sup.start(_job(tmp_path, "inference", SLEEPER_WITH_CHILD))
@@ -52,8 +63,7 @@ def test_failing_job_is_named_and_everything_is_stopped(tmp_path):
     start = time.monotonic()
     sup.stop_all(grace_s=5)
     assert time.monotonic() - start < 10
-    left = [pid for pid in tree if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
-    assert left == [], f"processes left behind: {left}"
+    assert _alive(tree) == [], "processes left behind"
 
 
 def test_job_killed_by_signal_is_reported(tmp_path):

@@ -94,11 +94,24 @@ def _sqlite_path(uri: str) -> Path | None:
 
 
 def _client(uri: str) -> Any:
-    """A client for `uri`; a local SQLite store's directory is created first."""
+    """A client for `uri`; a local SQLite store's directory is created first.
+
+    Creating the client creates or migrates a SQLite store's schema; processes doing that
+    at the same moment (the jobs of a sweep on a fresh store) break each other's
+    migration, so they take turns under a file lock next to the store.
+    """
     _limit_http_retries()
-    if (db := _sqlite_path(uri)) is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-    return mlflow.MlflowClient(tracking_uri=uri)
+    if (db := _sqlite_path(uri)) is None:
+        return mlflow.MlflowClient(tracking_uri=uri)
+    import fcntl
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return mlflow.MlflowClient(tracking_uri=uri)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _local_artifact_location(uri: str, experiment_name: str) -> str | None:
@@ -140,16 +153,38 @@ def ensure_run(cfg: Any, ctx: TrackerContext | None = None, tracking_uri: str | 
     jobs, so that they all share one run.
     """
     uri = tracking_uri or resolve_tracking_uri(cfg)
-    client = _client(uri)
-    run_id = getattr(cfg, "run_id", None)
-    if run_id:
-        client.get_run(run_id)  # raises RESOURCE_DOES_NOT_EXIST for a wrong id
-        return str(run_id)
-    experiment_id = _experiment_id(client, getattr(cfg, "experiment_name", None) or "rlrun", uri)
-    tags = {str(k): str(v) for k, v in (getattr(cfg, "tags", None) or {}).items()}
-    run_name = getattr(cfg, "run_name", None) or (ctx.run_name if ctx else None)
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-    return run.info.run_id
+
+    def attempt() -> str:
+        client = _client(uri)
+        run_id = getattr(cfg, "run_id", None)
+        if run_id:
+            client.get_run(run_id)  # raises RESOURCE_DOES_NOT_EXIST for a wrong id
+            return str(run_id)
+        experiment_id = _experiment_id(client, getattr(cfg, "experiment_name", None) or "rlrun", uri)
+        tags = {str(k): str(v) for k, v in (getattr(cfg, "tags", None) or {}).items()}
+        run_name = getattr(cfg, "run_name", None) or (ctx.run_name if ctx else None)
+        return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+
+    return _retry_sqlite_contention(attempt, uri)
+
+
+# Several processes writing one SQLite store (sweep jobs): a write lock held too long.
+_SQLITE_CONTENTION = ("database is locked",)
+
+
+def _retry_sqlite_contention(fn: Any, uri: str, timeout_s: float = 120.0) -> Any:
+    if _sqlite_path(uri) is None:
+        return fn()
+    deadline, delay = _time.monotonic() + timeout_s, 0.2
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            if not any(s in str(exc) for s in _SQLITE_CONTENTION) or _time.monotonic() > deadline:
+                raise
+            log.warning("mlflow: %s busy (%s); retrying", uri, str(exc).splitlines()[0][:120])
+        _time.sleep(delay)
+        delay = min(delay * 2, 5.0)
 
 
 # ---------------------------------------------------------------- names
