@@ -25,8 +25,15 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest $(ARGS)
 
-bench: $(VENV)/.installed
-	$(PY) benchmarks/tracker.py $(ARGS)
+$(VENV)/.installed-bench: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e '.[bench]'
+	touch $(VENV)/.installed $@
+
+# Every benchmark in turn (or some: make bench BENCHES="overlap startup"); ARGS go to each.
+# Each prints a table and writes benchmarks/results/<name>.json (see README: Benchmarks).
+BENCHES ?= startup overlap trl_compare scaling tracker
+bench: $(VENV)/.installed-bench
+	@set -e; for b in $(BENCHES); do echo "== benchmarks/$$b.py"; $(PY) benchmarks/$$b.py $(ARGS); done
 
 mlflow-ui: $(VENV)/.installed
 	$(PY) -m mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db \

@@ -1,0 +1,178 @@
+"""rlrun against TRL's GRPOTrainer on the same tiny model, task, reward and batch, on CPU.
+
+Both sides: the tiny Llama rlrun builds (rlrun.model.build_tiny_model, seed 0, the same
+initial weights), reverse_text prompts (the exact prompts rlrun samples at each step, in
+order), the `lcs` reward of rlrun.envs.reverse_text, 16 prompts x 8 completions per
+optimizer step, at most 12 completion tokens, temperature 1.0 (no top-k/top-p), AdamW at a
+constant lr 3e-3, grad-norm clip 1.0, clip eps 0.2/0.28, no KL, token-level loss mean
+(TRL's loss_type="dapo"), advantages (r - group mean) / group std, float32, no evaluation,
+no checkpoints, no activation checkpointing (TRL's default is on), --steps optimizer steps each.
+
+rlrun: `python -m rlrun` (its default split into inference + orchestrator + trainer
+processes, one torch thread each, max_async_steps=1). TRL: one process, GRPOTrainer with
+transformers' generate, torch threads = all cores. Samples/s = 128 / steady-state step time
+(steps after --skip); reward = mean training reward of the last 10 steps.
+Results: benchmarks/results/trl.json. Needs the bench extra: pip install -e '.[bench]'.
+
+    python benchmarks/trl_compare.py [--steps 60] [--skip 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, machine, mean, run_rlrun, summarize, table, wait_quiet, write_json  # noqa: E402
+
+BATCH, GROUP, MAX_TOKENS, LR, SEED = 16, 8, 12, 3e-3, 0
+TARGET_RATIO = 1.5
+
+
+# ---------------------------------------------------------------- the TRL side (a subprocess)
+
+
+def trl_child(out: Path, steps: int, skip: int) -> None:
+    import torch
+    from datasets import Dataset
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rlrun.config import ModelConfig, TaskConfig
+    from rlrun.envs import load_environment
+    from rlrun.model import build_tiny_model, encode_prompt
+
+    torch.manual_seed(SEED)
+    model_dir = build_tiny_model(out / "model", OmegaConf.structured(ModelConfig()), SEED)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    env = load_environment(OmegaConf.structured(TaskConfig()))
+
+    # rlrun's prompts, step by step (rlrun/orchestrator/__main__.py: Random(seed * 1_000_003 + step)).
+    rows = []
+    for step in range(1, steps + 1):
+        for ex in env.sample(random.Random(SEED * 1_000_003 + step), BATCH):
+            rows.append({"prompt": ex.prompt, "answer": ex.answer, "text": ex.info["text"]})
+    # TRL tokenizes prompts with the tokenizer's special tokens; give it rlrun's [bos] + ids.
+    probe = rows[0]["prompt"]
+    if tokenizer(probe)["input_ids"] != encode_prompt(tokenizer, probe):
+        bos = tokenizer.bos_token or ""
+        if tokenizer(bos + probe, add_special_tokens=True)["input_ids"] == encode_prompt(tokenizer, probe):
+            rows = [{**r, "prompt": bos + r["prompt"]} for r in rows]
+    prompts_match = tokenizer(rows[0]["prompt"])["input_ids"] == encode_prompt(tokenizer, probe)
+    examples = {r["prompt"]: r for r in rows}
+
+    def lcs(prompts, completions, **kwargs):
+        from rlrun.envs.base import Example
+
+        return [env.lcs(c, Example(prompt=p, answer=a, info={})) for p, c, a in zip(prompts, completions, kwargs["answer"])]
+
+    times: list[float] = []
+
+    class StepTimes(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter())
+
+    config = GRPOConfig(
+        output_dir=str(out / "trl"), max_steps=steps, per_device_train_batch_size=BATCH * GROUP,
+        gradient_accumulation_steps=1, num_generations=GROUP, max_completion_length=MAX_TOKENS,
+        temperature=1.0, top_p=1.0, top_k=0, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=0.0, max_grad_norm=1.0, beta=0.0, epsilon=0.2, epsilon_high=0.28, loss_type="dapo",
+        scale_rewards="group", num_iterations=1, shuffle_dataset=False, seed=SEED, use_cpu=True, bf16=False,
+        fp16=False, gradient_checkpointing=False, logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+    )  # fmt: skip
+    trainer = GRPOTrainer(model=model, reward_funcs=[lcs], args=config, train_dataset=Dataset.from_list(rows),
+                          processing_class=tokenizer, callbacks=[StepTimes()])
+    start = time.perf_counter()
+    trainer.train()
+    total = time.perf_counter() - start
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    lengths = [h.get("completions/mean_length") for h in trainer.state.log_history if "reward" in h]
+    steady = (times[-1] - times[skip - 1]) / (len(times) - skip) if len(times) > skip else float("nan")
+    (out / "trl_result.json").write_text(json.dumps({
+        "step_s": steady, "train_wall_s": total, "steps": len(times), "rewards": rewards,
+        "mean_lengths": lengths, "torch_threads": torch.get_num_threads(), "prompts_match_rlrun": prompts_match,
+        "example_prompt_ids": tokenizer(rows[0]["prompt"])["input_ids"],
+    }))
+
+
+# ---------------------------------------------------------------- the comparison
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--skip", type=int, default=5)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        trl_child(Path(args.child), args.steps, args.skip)
+        return 0
+
+    samples = BATCH * GROUP
+    rl_overrides = [f"max_steps={args.steps}", f"seed={SEED}", f"orchestrator.batch_size={BATCH}",
+                    f"orchestrator.group_size={GROUP}", f"orchestrator.max_tokens={MAX_TOKENS}",
+                    "orchestrator.temperature=1.0", f"trainer.lr={LR}", "orchestrator.eval_interval=0",
+                    "trainer.checkpoint_interval=0"]
+    settings = {"steps": args.steps, "skip": args.skip, "batch_size": BATCH, "group_size": GROUP,
+                "max_tokens": MAX_TOKENS, "lr": LR, "seed": SEED, "rlrun_overrides": rl_overrides,
+                "samples_per_step": samples}
+    print(f"settings: {settings}")
+    result: dict = {"rlrun_samples_per_s": None, "trl_samples_per_s": None, "ratio": None, "rlrun_reward": None,
+                    "trl_reward": None, "target_ratio": TARGET_RATIO, "settings": settings}
+
+    with tempfile.TemporaryDirectory(prefix="rlrun-bench-trl-") as tmp:
+        run = run_rlrun(Path(tmp) / "run", rl_overrides)
+    s = summarize(run, args.skip)
+    rl_rewards = [r["metrics"]["reward"] for r in run["orchestrator"]]
+    result["rlrun_samples_per_s"] = samples / s["step_s"]
+    result["rlrun_reward"] = mean(rl_rewards[-10:])
+    result["rlrun"] = {"step_s": s["step_s"], "wall_s": run["wall_s"], "rewards": rl_rewards,
+                       "first_step_to_last_s": run["trainer"][-1]["time"] - run["trainer"][0]["time"],
+                       "machine_before": run["machine_before"]}
+
+    try:
+        import trl  # noqa: F401
+
+        result["trl_version"] = trl.__version__
+        with tempfile.TemporaryDirectory(prefix="rlrun-bench-trl-") as tmp:
+            before = wait_quiet()
+            start = time.time()
+            proc = subprocess.run([sys.executable, __file__, "--child", tmp, "--steps", str(args.steps),
+                                   "--skip", str(args.skip)], cwd=ROOT, capture_output=True, text=True)
+            wall = time.time() - start
+            if proc.returncode != 0:
+                raise RuntimeError(proc.stderr[-3000:])
+            trl_res = json.loads((Path(tmp) / "trl_result.json").read_text())
+        trl_res.update(wall_s=wall, machine_before=before)
+        result["trl"] = trl_res
+        result["trl_samples_per_s"] = samples / trl_res["step_s"]
+        result["trl_reward"] = mean(trl_res["rewards"][-10:])
+        result["ratio"] = result["rlrun_samples_per_s"] / result["trl_samples_per_s"]
+        result["met"] = result["ratio"] >= TARGET_RATIO and result["rlrun_reward"] >= result["trl_reward"]
+    except Exception as exc:  # no TRL (pip install -e '.[bench]') or it failed: say so, keep rlrun's figures
+        result["trl_error"] = f"{type(exc).__name__}: {exc}"
+        print(f"TRL side failed: {result['trl_error']}")
+
+    result["machine"] = machine()
+    rows = [["rlrun", result["rlrun_samples_per_s"], s["step_s"], result["rlrun"]["wall_s"], result["rlrun_reward"]]]
+    if result.get("trl"):
+        rows.append([f"TRL {result['trl_version']} GRPOTrainer", result["trl_samples_per_s"], result["trl"]["step_s"],
+                     result["trl"]["wall_s"], result["trl_reward"]])
+    print(table(rows, ["system", "samples/s", "step s", "process wall s", "reward (last 10 steps)"]))
+    if result["ratio"] is not None:
+        print(f"rlrun / TRL samples/s = {result['ratio']:.2f} (target >= {TARGET_RATIO} with at least equal reward: "
+              f"{'met' if result['met'] else 'missed'})")
+    print(f"wrote {write_json('trl', result)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
