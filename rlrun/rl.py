@@ -1,8 +1,9 @@
 """The `rl` parent: check the config, prepare the run directory, start and watch the jobs.
 
 It only starts, watches and stops (as prime-rl's `rl` launcher does): the jobs do the work
-and talk through the run directory. Order: inference first (and its health check), then
-orchestrator and trainer; the run is done when both of those exit 0.
+and talk through the run directory. All three start at once (the orchestrator waits for
+inference's port and health itself); the parent also checks inference's health so a server
+that cannot start is reported as such. The run is done when orchestrator and trainer exit 0.
 """
 
 from __future__ import annotations
@@ -187,6 +188,14 @@ def _supervise(cfg: DictConfig, run_dir: Path, log: Any) -> int:
             return {j.name: j.proc.pid for j in list(sup.jobs) if j.proc is not None and j.proc.returncode is None}
 
         monitor = start_monitor(cfg, run_dir, job_pids, warn=log.warning)  # from the first job on: model loading
+        # Orchestrator and trainer import torch while inference loads the model: the
+        # orchestrator learns the port from the port file (vLLM's port is chosen up front).
+        if cfg.inference.backend == "vllm":
+            orchestrator_cmd = [*commands["orchestrator"], f"inference.port={cfg.inference.port}"]
+        else:
+            orchestrator_cmd = [*commands["orchestrator"], "--inference-port-file", str(port_file)]
+        sup.start(job("orchestrator", orchestrator_cmd))
+        sup.start(job("trainer", commands["trainer"]))
 
         def port_ready() -> str | None:
             sup.check()
@@ -202,9 +211,6 @@ def _supervise(cfg: DictConfig, run_dir: Path, log: Any) -> int:
 
         InferenceClient(f"http://{cfg.inference.host}:{port}").wait_healthy(cfg.inference.startup_timeout_s, inference.proc)
         log.info(f"inference is serving on {cfg.inference.host}:{port}")
-        orchestrator_cmd = [*commands["orchestrator"], f"inference.port={port}"]
-        sup.start(job("orchestrator", orchestrator_cmd))
-        sup.start(job("trainer", commands["trainer"]))
 
         from rlrun.progress import RunProgress
 

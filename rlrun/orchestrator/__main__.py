@@ -24,7 +24,11 @@ PROG = "python -m rlrun.orchestrator"
 
 def main(argv: list[str] | None = None) -> int:
     stop = StopFlag().install()
-    args = parse_job_args(PROG, __doc__.splitlines()[0], argv)
+    args = parse_job_args(
+        PROG, __doc__.splitlines()[0], argv,
+        inference_port_file="read the inference server's port from this file once it appears "
+        "(the parent starts both jobs together); default: inference.port",
+    )  # fmt: skip
     cfg = load_job_config(args, PROG)
 
     from rlrun.log import setup_logger
@@ -32,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(cfg.output_dir)
     log = setup_logger(cfg.log_level, job_log(run_dir, "orchestrator"), job="orchestrator")
     try:
-        run(cfg, run_dir, stop)
+        run(cfg, run_dir, stop, Path(args.inference_port_file) if args.inference_port_file else None)
     except StopRequested:
         log.info("stop requested; orchestrator exiting cleanly")
     except Exception:
@@ -41,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run(cfg, run_dir: Path, stop: StopFlag) -> None:
+def run(cfg, run_dir: Path, stop: StopFlag, port_file: Path | None = None) -> None:
     from rlrun.batch import write_batch
     from rlrun.envs import load_environment
     from rlrun.envs.workers import EnvWorkerPool
@@ -64,6 +68,9 @@ def run(cfg, run_dir: Path, stop: StopFlag) -> None:
     evaluator = None  # the held-out prompts, tokenized once
     if ocfg.eval_interval > 0:
         evaluator = Evaluator(env, tokenizer, cfg.task.num_eval_prompts, ocfg.max_tokens, ocfg.num_val_samples_to_print)
+    if port_file is not None:  # inference is still loading: its port arrives in this file
+        cfg.inference.port = int(wait_for(lambda: _read_port(port_file, stop), f"the inference port in {port_file}",
+                                          timeout_s=cfg.inference.startup_timeout_s))  # fmt: skip
     client = InferenceClient(f"http://{cfg.inference.host}:{cfg.inference.port}", timeout=ocfg.request_timeout_s)
     client.wait_healthy(cfg.inference.startup_timeout_s)
 
@@ -151,6 +158,12 @@ def run(cfg, run_dir: Path, stop: StopFlag) -> None:
         pool.close()
         tracker.finish()
         client.close()
+
+
+def _read_port(path: Path, stop: StopFlag) -> int | None:
+    stop.check()
+    text = path.read_text().strip() if path.is_file() else ""
+    return int(text) if text else None
 
 
 def _newest_at_least(weights_root: Path, needed: int, stop: StopFlag) -> int:
