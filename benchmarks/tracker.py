@@ -34,7 +34,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "tracker.json"
@@ -68,6 +70,19 @@ def percentile(values: list[float], q: float) -> float:
 # ---------------------------------------------------------------- the two modes (subprocesses)
 
 
+def timed_steps(steps: int, names: list[str], step_work: float, log: Callable[[dict[str, float], int], Any]) -> list[float]:
+    """The training loop both sides share: work, then `log(metrics, step)`, timed per step."""
+    blocked = []
+    for step in range(steps):
+        if step_work:
+            time.sleep(step_work)
+        metrics = step_metrics(names, step)
+        start = time.perf_counter()
+        log(metrics, step)
+        blocked.append(time.perf_counter() - start)
+    return blocked
+
+
 def run_direct(work: Path, steps: int, names: list[str], step_work: float) -> dict:
     t_setup = time.perf_counter()
     import mlflow
@@ -84,18 +99,14 @@ def run_direct(work: Path, steps: int, names: list[str], step_work: float) -> di
     )  # fmt: skip
     writer = SummaryWriter(log_dir=str(work / "tensorboard"))
 
-    blocked = []
-    t_loop = time.perf_counter()
-    for step in range(steps):
-        if step_work:
-            time.sleep(step_work)
-        metrics = step_metrics(names, step)
-        start = time.perf_counter()
+    def log_directly(metrics: dict[str, float], step: int) -> None:  # as verl / NeMo-RL do
         wandb_run.log(metrics, step=step)
         mlflow.log_metrics(metrics, step=step)
         for key, value in metrics.items():
             writer.add_scalar(key, value, global_step=step)
-        blocked.append(time.perf_counter() - start)
+
+    t_loop = time.perf_counter()
+    blocked = timed_steps(steps, names, step_work, log_directly)
     loop_s = time.perf_counter() - t_loop
     writer.flush()
     writer.close()
@@ -134,15 +145,8 @@ def run_tracker(work: Path, steps: int, names: list[str], step_work: float) -> d
     settings = {k: v for k, v in WANDB_SETTINGS.items() if k not in ("console", "silent")}
     tracker = Tracker(log_cfg, job=JOB, output_dir=work / "run", extra={"wandb_settings": settings})
 
-    blocked = []
     t_loop = time.perf_counter()
-    for step in range(steps):
-        if step_work:
-            time.sleep(step_work)
-        metrics = step_metrics(names, step)
-        start = time.perf_counter()
-        tracker.log_metrics(metrics, step)
-        blocked.append(time.perf_counter() - start)
+    blocked = timed_steps(steps, names, step_work, tracker.log_metrics)
     loop_s = time.perf_counter() - t_loop
     tracker.finish()
     durable_s = time.perf_counter() - t_setup

@@ -43,13 +43,6 @@ FALLBACK_TRAIN_STEP_S = 0.054  # forward+backward+optimizer of the default tiny 
 JOB = "trainer"
 OPS = ("mean", "max", "min", "sum")
 N_TIME = 10  # how many of the metrics are time/* keys (default reduction: max)
-COLLECTIVES = (
-    "all_gather", "all_gather_into_tensor", "all_gather_object", "all_gather_coalesced", "all_reduce",
-    "all_reduce_coalesced", "all_to_all", "all_to_all_single", "barrier", "monitored_barrier",
-    "broadcast", "broadcast_object_list", "gather", "gather_object", "reduce", "reduce_scatter",
-    "reduce_scatter_tensor", "scatter", "scatter_object_list", "send", "recv", "isend", "irecv",
-    "batch_isend_irecv", "_all_gather_base", "_reduce_scatter_base",
-)  # fmt: skip
 
 
 # ---------------------------------------------------------------- what every rank logs
@@ -85,24 +78,6 @@ def percentile(values: list[float], q: float) -> float:
 # ---------------------------------------------------------------- the rank side
 
 
-def _install_spy(counts: dict[str, int]) -> None:
-    import torch.distributed as dist
-    import torch.distributed.distributed_c10d as c10d
-
-    for name in COLLECTIVES:
-        real = getattr(c10d, name, None) or getattr(dist, name, None)
-        if real is None:
-            continue
-
-        def spy(*args, _real=real, _name=name, **kwargs):
-            counts[_name] = counts.get(_name, 0) + 1
-            return _real(*args, **kwargs)
-
-        for module in (dist, c10d):
-            if hasattr(module, name):
-                setattr(module, name, spy)
-
-
 def rank_main(rank: int, args: argparse.Namespace, init_file: str, work: str) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
@@ -116,6 +91,7 @@ def rank_main(rank: int, args: argparse.Namespace, init_file: str, work: str) ->
 
     from rlrun.config import RunConfig
     from rlrun.tracking import Tracker
+    from rlrun.tracking.reduce import count_collectives
 
     real_all_gather_object = dist.all_gather_object  # for the bookkeeping, uncounted
     cfg = OmegaConf.structured(RunConfig)
@@ -126,7 +102,7 @@ def rank_main(rank: int, args: argparse.Namespace, init_file: str, work: str) ->
     names = metric_names(args.metrics)
     reductions = declared(names)
     counts: dict[str, int] = {}
-    _install_spy(counts)
+    count_collectives(counts)
     per_step = [[value(rank, i, step) for i in range(len(names))] for step in range(args.steps)]
 
     dist.barrier()  # everyone starts together (not counted: counts are reset per step)

@@ -156,7 +156,6 @@ class Panel:
     ylabel: str
     lines: Callable[[Run, bool], list[Line]]  # (run, overlaid) -> lines; overlaid: one line per run
     x: str = "step"  # step | time
-    logy: bool = False
 
 
 def _lines(run: Run, job: str, names: list[str], strip: str = "", style: str = "line") -> list[Line]:

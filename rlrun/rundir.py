@@ -106,7 +106,8 @@ def wait_for(
     poll_s: float = 0.005,
     max_poll_s: float = 0.02,
 ) -> Any:
-    """Poll `ready()` until it returns something truthy; TimeoutError naming `what`.
+    """Poll `ready()` until it returns anything but None or False (0 is a ready value: the
+    initial policy's version); return that. TimeoutError naming `what`.
 
     The trainer and the orchestrator hand batches and weights over through this every step:
     a late wake-up is dead time on the critical path (with the former 0.2 s cap it was ~35 ms
@@ -116,7 +117,7 @@ def wait_for(
     delay = poll_s
     while True:
         value = ready()
-        if value:
+        if value is not None and value is not False:
             return value
         if deadline is not None and time.monotonic() >= deadline:
             raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")

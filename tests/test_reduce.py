@@ -23,13 +23,6 @@ WORLD = 2
 ROOT = Path(__file__).resolve().parents[1]
 REDUCTIONS = {"a": "mean", "b": "max", "c": "min", "d": "sum", "time/summed": "sum"}
 # Every collective torch.distributed offers; the spy counts calls to any of them.
-COLLECTIVES = (
-    "all_gather", "all_gather_into_tensor", "all_gather_object", "all_gather_coalesced", "all_reduce",
-    "all_reduce_coalesced", "all_to_all", "all_to_all_single", "barrier", "monitored_barrier",
-    "broadcast", "broadcast_object_list", "gather", "gather_object", "reduce", "reduce_scatter",
-    "reduce_scatter_tensor", "scatter", "scatter_object_list", "send", "recv", "isend", "irecv",
-    "batch_isend_irecv", "_all_gather_base", "_reduce_scatter_base",
-)  # fmt: skip
 
 
 def rank_metrics(rank: int, step: int) -> dict[str, float]:
@@ -60,25 +53,6 @@ def expected(step: int) -> dict[str, float]:
 # ---------------------------------------------------------------- the rank side (a script)
 
 
-def _install_spy(counts: dict[str, int]) -> None:
-    """Count calls to every collective, at torch.distributed and at distributed_c10d."""
-    import torch.distributed as dist
-    import torch.distributed.distributed_c10d as c10d
-
-    for name in COLLECTIVES:
-        real = getattr(c10d, name, None) or getattr(dist, name, None)
-        if real is None:
-            continue
-
-        def spy(*args, _real=real, _name=name, **kwargs):
-            counts[_name] = counts.get(_name, 0) + 1
-            return _real(*args, **kwargs)
-
-        for module in (dist, c10d):
-            if hasattr(module, name):
-                setattr(module, name, spy)
-
-
 def _rank_main(rank: int, init_file: str, out_dir: Path) -> None:
     import torch.distributed as dist
 
@@ -89,10 +63,10 @@ def _rank_main(rank: int, init_file: str, out_dir: Path) -> None:
 
     from rlrun.config import LoggerConfig
     from rlrun.tracking import Tracker
-    from rlrun.tracking.reduce import reduce_metrics
+    from rlrun.tracking.reduce import count_collectives, reduce_metrics
 
     counts: dict[str, int] = {}
-    _install_spy(counts)
+    count_collectives(counts)
     result: dict = {"rank": dist.get_rank(), "world": dist.get_world_size()}
 
     # 1. reduce_metrics with declared reductions: the values, and the collectives per call.

@@ -96,7 +96,6 @@ def run(cfg, run_dir: Path, stop: StopFlag, port_file: Path | None = None) -> No
                     lambda: _newest_at_least(weights_root, needed, stop), f"weights/step_{needed} from the trainer"
                 )
             stop.check()
-            version = int(version) - 1  # _newest_at_least returns version + 1 so 0 is truthy
             if version > loaded_version:
                 with tracker.timer("update_weights"):
                     client.update_weights(step_dir(weights_root, version))
@@ -166,11 +165,11 @@ def _read_port(path: Path, stop: StopFlag) -> int | None:
     return int(text) if text else None
 
 
-def _newest_at_least(weights_root: Path, needed: int, stop: StopFlag) -> int:
-    """1 + the newest weights version if it is >= `needed` (0 = the initial model), else 0."""
+def _newest_at_least(weights_root: Path, needed: int, stop: StopFlag) -> int | None:
+    """The newest weights version if it is >= `needed` (0 = the initial model), else None."""
     stop.check()
     newest = latest_step(weights_root) or 0
-    return newest + 1 if newest >= needed else 0
+    return newest if newest >= needed else None
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ Every `orchestrator.log_extras.interval` steps (`step % interval == 0`):
 
 - samples (`log_extras.samples`): up to `samples_per_step` rollouts of the step, chosen to
   be informative by `select_samples` (best and worst reward, shortest and longest
-  completion, then random ones), one row each with the columns of `SAMPLE_COLUMNS` plus
-  one column per reward function;
+  completion, then random ones), one row each (`sample_rows`: step, why it was picked,
+  prompt, completion, one column per reward function, reward, advantage, token counts);
 - distributions (`log_extras.distributions`): every rollout's reward, advantage and
   completion length, under `distributions/<name>`.
 
@@ -19,11 +19,6 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 from typing import Any
-
-# The fixed columns of a sample row; each reward function adds a column (after `completion`).
-SAMPLE_COLUMNS = (
-    "step", "selected_as", "prompt", "completion", "reward", "advantage", "prompt_tokens", "completion_tokens",
-)  # fmt: skip
 
 
 def is_logging_step(step: int, interval: int) -> bool:
