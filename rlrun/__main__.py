@@ -1,8 +1,9 @@
-"""`python -m rlrun`: compose the config, make the run directory, launch and supervise the jobs.
+"""`python -m rlrun`: compose the config, then `rlrun.launcher.run` makes the run directory,
+launches and supervises the jobs.
 
 `python -m rlrun -m ...` runs a sweep: every job is the same app in its own run directory
 (`outputs/multirun/<date>/<time>/<num>/`), one after another (`hydra/launcher=basic`), at
-once (`submitit_local`) or as Slurm jobs (`submitit_slurm`); see rlrun/sweep.py.
+once (`submitit_local`) or as Slurm jobs (`submitit_slurm`); see rlrun/sweep/.
 """
 
 from __future__ import annotations
@@ -11,18 +12,9 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from rlrun.config import CONF_DIR, register_configs
-
-
-def _run_dir(resume_from: str | None, default: str) -> str:
-    """hydra.run.dir: a resumed run continues in its own directory."""
-    return str(resume_from) if resume_from not in (None, "None", "null", "") else default
-
-
-OmegaConf.register_new_resolver("rlrun_run_dir", _run_dir, replace=True)
-register_configs()
+from rlrun.config import CONF_DIR, register
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -30,7 +22,7 @@ def app(cfg: DictConfig) -> int:
     from hydra.core.hydra_config import HydraConfig
 
     from rlrun import sweep
-    from rlrun.rl import run
+    from rlrun.launcher.run import run
 
     hc = HydraConfig.get()
     hydra_dir = Path(hc.runtime.output_dir).resolve()
@@ -60,6 +52,7 @@ def app(cfg: DictConfig) -> int:
 def main() -> None:
     from rlrun import sweep
 
+    register()
     try:
         from hydra_plugins.rlrun_launcher import quiet_schema_notice
 

@@ -230,10 +230,17 @@ class RunConfig:
 CONF_DIR = Path(__file__).parent / "conf"
 
 
-def register_configs() -> None:
-    """Register the schema that `conf/config.yaml` builds on."""
+def _run_dir(resume_from: str | None, default: str) -> str:
+    """hydra.run.dir: a resumed run continues in its own directory."""
+    return str(resume_from) if resume_from not in (None, "None", "null", "") else default
+
+
+def register() -> None:
+    """What composing `conf/` needs: the schemas in Hydra's ConfigStore and the `rlrun_run_dir`
+    resolver. Called by `python -m rlrun` before Hydra starts (and by tests that compose)."""
     from hydra.core.config_store import ConfigStore
 
+    OmegaConf.register_new_resolver("rlrun_run_dir", _run_dir, replace=True)
     ConfigStore.instance().store(name="base_config", node=RunConfig)
 
 

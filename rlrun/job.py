@@ -15,7 +15,7 @@ import sys
 import threading
 from typing import Any
 
-PARENT_PID_ENV = "RLRUN_PARENT_PID"  # set by rlrun.launch for every job it starts
+PARENT_PID_ENV = "RLRUN_PARENT_PID"  # set by rlrun.launcher.supervisor for every job it starts
 
 
 class StopRequested(Exception):

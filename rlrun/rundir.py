@@ -137,8 +137,17 @@ def write_json(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, default=str))
 
 
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+_MISSING: Any = object()
+
+
+def read_json(path: Path, default: Any = _MISSING) -> Any:
+    """The JSON in `path`; `default` (when given) if it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        if default is _MISSING:
+            raise
+        return default
 
 
 def resume_step(run_dir: str | Path) -> int:

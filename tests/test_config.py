@@ -12,8 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-import rlrun.__main__  # noqa: F401  registers the `rlrun_run_dir` resolver used by hydra.run.dir
-from rlrun.config import CONF_DIR, ConfigError, register_configs, validate
+from rlrun.config import CONF_DIR, ConfigError, register, validate
 from rlrun.tracking import enabled_backends
 
 ROOT = CONF_DIR.parents[1]
@@ -22,7 +21,7 @@ ROOT = CONF_DIR.parents[1]
 @pytest.fixture(scope="module")
 def hydra_compose():
     """`compose(overrides)` on the real config tree, as `python -m rlrun` composes it."""
-    register_configs()
+    register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         yield lambda *overrides: compose("config", overrides=list(overrides))
 

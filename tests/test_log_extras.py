@@ -224,10 +224,9 @@ def test_a_job_override_reaches_that_job_only(tmp_path):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    import rlrun.__main__  # noqa: F401  registers the resolver hydra.run.dir uses
-    from rlrun.config import CONF_DIR, load_run_config, register_configs
+    from rlrun.config import CONF_DIR, load_run_config, register
 
-    register_configs()
+    register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["log_extras=distributions", "orchestrator.log_extras.interval=5"])
     OmegaConf.save(OmegaConf.to_container(cfg, resolve=True), tmp_path / "config.yaml")  # as the parent writes it

@@ -63,7 +63,8 @@ def _rank_main(rank: int, init_file: str, out_dir: Path) -> None:
 
     from rlrun.config import LoggerConfig
     from rlrun.tracking import Tracker
-    from rlrun.tracking.reduce import count_collectives, reduce_metrics
+    from collectives import count_collectives
+    from rlrun.tracking.reduce import reduce_metrics
 
     counts: dict[str, int] = {}
     count_collectives(counts)

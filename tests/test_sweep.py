@@ -37,8 +37,9 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    import rlrun.__main__  # noqa: F401  (resolvers and the schema)
-    from rlrun.config import CONF_DIR
+    from rlrun.config import CONF_DIR, register
+
+    register()
 
     from hydra_plugins.rlrun_launcher import quiet_schema_notice
 

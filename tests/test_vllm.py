@@ -29,8 +29,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import rlrun.__main__  # noqa: F401  registers the `rlrun_run_dir` resolver used by hydra.run.dir
-from rlrun.config import CONF_DIR, ConfigError, ModelConfig, register_configs, validate
+from rlrun.config import CONF_DIR, ConfigError, ModelConfig, register, validate
 from rlrun.inference import vllm as vllm_mod
 from rlrun.inference.client import InferenceClient, InferenceError
 from rlrun.inference.vllm import VllmUnavailable, server_args, split_gpus, vllm_commands
@@ -42,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def hydra_compose():
-    register_configs()
+    register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         yield lambda *overrides: compose("config", overrides=list(overrides))
 

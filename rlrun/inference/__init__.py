@@ -11,7 +11,7 @@ Importing this package imports nothing heavy; import the submodules you need.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 
 @dataclass
@@ -23,3 +23,8 @@ class Completion:
     finish_reason: Literal["stop", "length"]
     # Per position, the most likely (token id, logprob) pairs, when asked for.
     top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+def served_model_name(cfg: Any) -> str:
+    """The name `/v1/models` shows for the run config `cfg` (the local server and vLLM alike)."""
+    return "tiny" if cfg.model.name == "tiny" else str(cfg.model.path)

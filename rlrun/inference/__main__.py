@@ -1,7 +1,8 @@
-"""`python -m rlrun.inference --config <run>/config.yaml [key=value ...] [--port-file PATH]`
+"""`python -m rlrun.inference --config <run>/config.yaml [key=value ...]`
 
-Loads the run's config, loads the policy, serves it until SIGTERM / SIGINT, exits 0.
-With `inference.port=0` the OS picks a free port; `--port-file` tells the parent which.
+Loads the run's config, loads the policy, serves it on `inference.port` until SIGTERM /
+SIGINT, exits 0. In a run the parent has chosen the port; started alone with
+`inference.port=0` the OS picks one, and the log says which.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import random
 import sys
 from pathlib import Path
 
+from rlrun.inference import served_model_name
 from rlrun.job import StopFlag, load_job_config, parse_job_args
 
 PROG = "python -m rlrun.inference"
@@ -19,7 +21,6 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopFlag().install()
     args = parse_job_args(
         PROG, __doc__.splitlines()[0], argv,
-        port_file="write the bound port here (atomically) once serving",
         model_path="model directory or hub id (default: from the config)",
     )  # fmt: skip
     cfg = load_job_config(args, PROG)
@@ -32,7 +33,6 @@ def main(argv: list[str] | None = None) -> int:
     from rlrun.inference.engine import Engine
     from rlrun.inference.server import InferenceServer
     from rlrun.model import load_model, resolve_model_path
-    from rlrun.rundir import write_text_atomic
 
     torch.set_num_threads(cfg.inference.num_threads)
     random.seed(cfg.seed)
@@ -48,13 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         model_path, dtype=cfg.model.dtype, device=cfg.inference.device, trust_remote_code=cfg.model.trust_remote_code
     )
     engine = Engine(model, tokenizer, device=cfg.inference.device, max_batch_size=cfg.inference.max_batch_size)
-    served_name = "tiny" if cfg.model.name == "tiny" else str(cfg.model.path)
+    served_name = served_model_name(cfg)
 
     if stop:  # stopped while loading the model
         return 0
     server = InferenceServer(engine, cfg.inference.host, cfg.inference.port, model_name=served_name).start()
-    if args.port_file:
-        write_text_atomic(Path(args.port_file), f"{server.port}\n")
+    log.info(f"serving {served_name} on {server.url}")
     while not stop.wait(0.5):
         pass
     log.info("stop signal received; shutting down")

@@ -14,6 +14,7 @@ them apart by `/v1/models` (vLLM's cards are `owned_by: "vllm"`) unless given `b
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +67,17 @@ class InferenceClient:
     def health(self, timeout: float = 5.0) -> dict[str, Any]:
         return self._request("GET", "/health", timeout=timeout)
 
-    def wait_healthy(self, timeout_s: float, proc=None) -> dict[str, Any]:
-        """Poll `/health` until it answers; raise if `proc` (a Popen) exits or time runs out."""
+    def wait_healthy(self, timeout_s: float, proc: Any = None, check: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Poll `/health` until it answers; raise if `proc` (a Popen) exits or time runs out.
+
+        `check`, called between polls, may raise to give up early (the parent's other jobs failing).
+        """
         deadline = time.monotonic() + timeout_s
         while True:
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"inference server exited with code {proc.returncode} before becoming healthy")
+            if check is not None:
+                check()
             try:
                 return self.health(timeout=2.0)
             except (requests.ConnectionError, requests.Timeout, InferenceError):

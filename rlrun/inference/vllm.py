@@ -1,18 +1,17 @@
 """`inference=vllm`: the inference job is vLLM's own OpenAI-compatible server.
 
-The parent (`rlrun.rl`) calls `vllm_commands` where it builds the job command lines, before
-any job starts. It
+The parent calls `vllm_launch` (through `rlrun.inference.launch.plan`) before any job
+starts. It
 
 - checks that vLLM can run here (`preflight`): vLLM installed (the optional extra
   `pip install -e '.[vllm]'`, at least `MIN_VERSION`) and a CUDA GPU visible. Otherwise it
   raises `VllmUnavailable` (a `ConfigError`) with what to do; the CPU default stays
   `inference=local`;
-- picks the port (`inference.port=0`: a free one): vLLM writes no port file, so the parent
-  gives the same port to vLLM and to the orchestrator;
+- serves on `inference.port`, which the parent has already chosen for every job;
 - splits the visible GPUs (`split_gpus`): the first `inference.tensor_parallel_size` go to
   vLLM, the rest to the trainer when `trainer.device=cuda`; each job sees only its own
   through `CUDA_VISIBLE_DEVICES`;
-- builds the server command line (`server_args`) and the jobs' environments.
+- builds the server command line (`server_args`) and the jobs' environments (`Launch`).
 
 The trainer's new weights reach the running server without a restart: vLLM loads
 `rlrun.inference.vllm_worker.WeightUpdateExtension` into each of its GPU workers
@@ -30,12 +29,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 from rlrun.config import ConfigError
+from rlrun.gpus import cuda_visible_devices
+from rlrun.inference import served_model_name
+from rlrun.inference.launch import Launch
 
 MIN_VERSION = "0.10.2"
 WORKER_EXTENSION = "rlrun.inference.vllm_worker.WeightUpdateExtension"
@@ -102,10 +103,8 @@ def preflight() -> None:
 
 def visible_gpus() -> list[str]:
     """The GPUs this process may hand out: `CUDA_VISIBLE_DEVICES` as given, else 0..count-1."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return [d.strip() for d in env.split(",") if d.strip()]
-    return [str(i) for i in range(_cuda_device_count())]
+    visible = cuda_visible_devices()
+    return visible if visible is not None else [str(i) for i in range(_cuda_device_count())]
 
 
 def split_gpus(visible: list[str], tp: int, trainer_ranks: int) -> tuple[list[str], list[str]]:
@@ -129,19 +128,7 @@ def split_gpus(visible: list[str], tp: int, trainer_ranks: int) -> tuple[list[st
     return list(visible[:tp]), list(visible[tp:])
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free on `host` now (vLLM binds it a few seconds later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 # ---------------------------------------------------------------- the command lines
-
-
-def served_model_name(cfg: Any) -> str:
-    """The name `/v1/models` shows: the same as the local server's."""
-    return "tiny" if cfg.model.name == "tiny" else str(cfg.model.path)
 
 
 def server_args(cfg: Any, model_path: str | Path, port: int) -> list[str]:
@@ -171,11 +158,6 @@ def server_args(cfg: Any, model_path: str | Path, port: int) -> list[str]:
     return args + [str(a) for a in icfg.extra_args]
 
 
-def with_env(env: dict[str, str], cmd: list[str]) -> list[str]:
-    """`cmd` run with `env` added to its environment (`env K=V ... cmd`): a job's own variables."""
-    return [shutil.which("env") or "/usr/bin/env", *(f"{k}={v}" for k, v in env.items()), *cmd]
-
-
 def server_env(inference_gpus: list[str]) -> dict[str, str]:
     return {
         "CUDA_VISIBLE_DEVICES": ",".join(inference_gpus),
@@ -183,21 +165,20 @@ def server_env(inference_gpus: list[str]) -> dict[str, str]:
     }
 
 
-def vllm_commands(cfg: Any, run_dir: str | Path, trainer: list[str]) -> tuple[list[str], list[str]]:
-    """(inference command, trainer command) for `inference=vllm`; the parent calls it before
-    starting any job. `cfg.inference.port` must be set (not 0): the parent picks it.
+def vllm_launch(cfg: Any, run_dir: str | Path) -> Launch:
+    """The vLLM server as the inference job, on its GPUs; the trainer gets the GPUs after them.
 
-    Raises `VllmUnavailable` (with what to do) when vLLM cannot run here.
+    `cfg.inference.port` must be set (not 0): the parent picks it. Raises `VllmUnavailable`
+    (with what to do) when vLLM cannot run here.
     """
     preflight()
     if not cfg.inference.port:
-        raise ValueError("inference.port must be chosen before building the vLLM command (see free_port)")
+        raise ValueError("inference.port must be chosen before building the vLLM command (see launch.choose_port)")
     from rlrun.model import resolve_model_path  # the tiny model is already built by now
 
     trainer_ranks = int(cfg.trainer.num_ranks) if cfg.trainer.device == "cuda" else 0
     inference_gpus, trainer_gpus = split_gpus(visible_gpus(), int(cfg.inference.tensor_parallel_size), trainer_ranks)
     model_path = resolve_model_path(cfg.model, run_dir, cfg.seed)
     server = [sys.executable, "-m", SERVER_MODULE, *server_args(cfg, model_path, int(cfg.inference.port))]
-    if trainer_ranks:
-        trainer = with_env({"CUDA_VISIBLE_DEVICES": ",".join(trainer_gpus)}, trainer)
-    return with_env(server_env(inference_gpus), server), trainer
+    trainer_env = {"CUDA_VISIBLE_DEVICES": ",".join(trainer_gpus)} if trainer_ranks else {}
+    return Launch(server, env=server_env(inference_gpus), trainer_env=trainer_env)

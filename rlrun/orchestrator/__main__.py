@@ -24,11 +24,7 @@ PROG = "python -m rlrun.orchestrator"
 
 def main(argv: list[str] | None = None) -> int:
     stop = StopFlag().install()
-    args = parse_job_args(
-        PROG, __doc__.splitlines()[0], argv,
-        inference_port_file="read the inference server's port from this file once it appears "
-        "(the parent starts both jobs together); default: inference.port",
-    )  # fmt: skip
+    args = parse_job_args(PROG, __doc__.splitlines()[0], argv)
     cfg = load_job_config(args, PROG)
 
     from rlrun.log import setup_logger
@@ -36,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(cfg.output_dir)
     log = setup_logger(cfg.log_level, job_log(run_dir, "orchestrator"), job="orchestrator")
     try:
-        run(cfg, run_dir, stop, Path(args.inference_port_file) if args.inference_port_file else None)
+        run(cfg, run_dir, stop)
     except StopRequested:
         log.info("stop requested; orchestrator exiting cleanly")
     except Exception:
@@ -45,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run(cfg, run_dir: Path, stop: StopFlag, port_file: Path | None = None) -> None:
+def run(cfg, run_dir: Path, stop: StopFlag) -> None:
     from rlrun.batch import write_batch
     from rlrun.envs import load_environment
     from rlrun.envs.workers import EnvWorkerPool
@@ -56,7 +52,7 @@ def run(cfg, run_dir: Path, stop: StopFlag, port_file: Path | None = None) -> No
     from rlrun.orchestrator.extras import is_logging_step, log_rollout_extras
     from rlrun.orchestrator.rollout import build_batch, completion_metrics, group_advantages, reward_metrics
     from rlrun.tracking import Tracker
-    from rlrun.tracking.backends.jsonl import read_records
+    from rlrun.tracking.record import read_metrics
 
     log = get_logger()
     ocfg = cfg.orchestrator
@@ -68,18 +64,15 @@ def run(cfg, run_dir: Path, stop: StopFlag, port_file: Path | None = None) -> No
     evaluator = None  # the held-out prompts, tokenized once
     if ocfg.eval_interval > 0:
         evaluator = Evaluator(env, tokenizer, cfg.task.num_eval_prompts, ocfg.max_tokens, ocfg.num_val_samples_to_print)
-    if port_file is not None:  # inference is still loading: its port arrives in this file
-        cfg.inference.port = int(wait_for(lambda: _read_port(port_file, stop), f"the inference port in {port_file}",
-                                          timeout_s=cfg.inference.startup_timeout_s))  # fmt: skip
     client = InferenceClient(f"http://{cfg.inference.host}:{cfg.inference.port}", timeout=ocfg.request_timeout_s)
-    client.wait_healthy(cfg.inference.startup_timeout_s)
+    client.wait_healthy(cfg.inference.startup_timeout_s, check=stop.check)  # inference may still be loading
 
     start = resume_step(run_dir) + 1
     tracker = Tracker(
-        cfg.logger, job="orchestrator", output_dir=run_dir, run_name=cfg.name, extra={"max_table_rows": xcfg.max_rows}
+        cfg.logger, job="orchestrator", output_dir=run_dir, run_name=cfg.name, max_table_rows=xcfg.max_rows
     )
     pool = EnvWorkerPool(cfg.task, cfg.env_workers, run_dir / "logs")
-    previous = [r for r in read_records(tracker.jsonl_file) if r.get("type") == "metrics" and r["step"] < start]
+    previous = [r for r in read_metrics(tracker.jsonl_file) if r["step"] < start]
     num_tokens = previous[-1]["metrics"].get("num_tokens", 0.0) if previous else 0.0  # TRL's is cumulative
     loaded_version = 0  # inference starts from the initial model
     try:
@@ -104,7 +97,7 @@ def run(cfg, run_dir: Path, stop: StopFlag, port_file: Path | None = None) -> No
             rng = random.Random(cfg.seed * 1_000_003 + step)  # a resumed step samples the same prompts
             examples = env.sample(rng, ocfg.batch_size)
             prompt_ids = [encode_prompt(tokenizer, ex.prompt) for ex in examples]
-            with tracker.timer("generate"):
+            with tracker.timer("generate") as generate:
                 groups = client.complete(
                     prompt_ids, n=ocfg.group_size, max_tokens=ocfg.max_tokens,
                     temperature=ocfg.temperature, seed=rng.randrange(2**31),
@@ -137,12 +130,11 @@ def run(cfg, run_dir: Path, stop: StopFlag, port_file: Path | None = None) -> No
 
             generated = sum(len(c.token_ids) for c in completions)
             num_tokens += generated + sum(len(p) for p in row_prompts)
-            timings = tracker.timer.peek()
             metrics = {
                 **reward_metrics(scores, ocfg.group_size),
                 **completion_metrics(completions),
                 "num_tokens": num_tokens,
-                "tokens/s": generated / max(timings.get("time/generate", 0.0), 1e-9),
+                "tokens/s": generated / max(generate.seconds, 1e-9),
                 "off_policy_steps": float(step - 1 - loaded_version),
                 "time/step": time.perf_counter() - step_start,
                 **eval_metrics,
@@ -151,18 +143,12 @@ def run(cfg, run_dir: Path, stop: StopFlag, port_file: Path | None = None) -> No
             log.info(
                 f"step {step}/{cfg.max_steps} | reward {metrics['reward']:.3f} | "
                 f"len {metrics['completions/mean_length']:.1f} | policy v{loaded_version} | "
-                f"generate {timings.get('time/generate', 0.0):.2f}s | e.g. {examples[0].prompt!r} -> {texts[0]!r}"
+                f"generate {generate.seconds:.2f}s | e.g. {examples[0].prompt!r} -> {texts[0]!r}"
             )
     finally:
         pool.close()
         tracker.finish()
         client.close()
-
-
-def _read_port(path: Path, stop: StopFlag) -> int | None:
-    stop.check()
-    text = path.read_text().strip() if path.is_file() else ""
-    return int(text) if text else None
 
 
 def _newest_at_least(weights_root: Path, needed: int, stop: StopFlag) -> int | None:

@@ -1,5 +1,6 @@
 """Metrics tracking: `Tracker` fans out to console, jsonl, TensorBoard, MLflow and W&B."""
 
-from rlrun.tracking.tracker import Tracker, enabled_backends
+from rlrun.tracking.backends import enabled_backends
+from rlrun.tracking.tracker import Tracker
 
 __all__ = ["Tracker", "enabled_backends"]

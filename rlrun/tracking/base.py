@@ -2,7 +2,9 @@
 
 Backends are called only from their own writer thread (see `delivery.py`), never from
 the training loop, so they may block, raise, or talk to a slow server: the delivery
-layer retries failures and keeps what could not be delivered.
+layer retries failures and keeps what could not be delivered. What reaches a backend is
+already clean: metric values are floats, distribution values are finite, params are
+flat and redacted, and a metrics call never carries more than `max_batch_metrics` values.
 """
 
 from __future__ import annotations
@@ -26,7 +28,12 @@ class TrackerContext:
     job: str  # "trainer", "orchestrator", ...: names files, W&B runs and MLflow prefixes
     output_dir: Path  # the run directory
     run_name: str = "rlrun"
-    extra: dict[str, Any] = field(default_factory=dict)
+    # Run ids a previous attempt of this job saved in its checkpoint (`Tracker.run_identity()`):
+    # a resumed job continues those runs, e.g. {"wandb_run_id": ..., "mlflow_run_id": ...}.
+    resume_ids: dict[str, str] = field(default_factory=dict)
+    max_table_rows: int = 1000  # rows of the accumulating samples table (W&B)
+    wandb_settings: dict[str, Any] = field(default_factory=dict)  # extra wandb.Settings
+    mlflow_end_run: bool = False  # mark the MLflow run FINISHED on finish() (no parent owns it)
 
 
 class Backend(ABC):
@@ -38,7 +45,7 @@ class Backend(ABC):
     """
 
     name: str = "backend"
-    # Most metric values one `log_metrics_batch` call may carry (one request for HTTP backends).
+    # Most metric values one `log_metrics` call may carry (one request for HTTP backends).
     max_batch_metrics: int = 100_000
 
     @classmethod
@@ -49,12 +56,8 @@ class Backend(ABC):
         """Connect / create the run; called on the writer thread before the first delivery."""
 
     @abstractmethod
-    def log_metrics(self, metrics: dict[str, float], step: int, time: float) -> None: ...
-
-    def log_metrics_batch(self, points: list[MetricPoint]) -> None:
-        """Deliver several steps at once; backends with a batch API override this."""
-        for point in points:
-            self.log_metrics(point.metrics, point.step, point.time)
+    def log_metrics(self, points: list[MetricPoint]) -> None:
+        """Several steps' metrics at once, oldest first."""
 
     @abstractmethod
     def log_hyperparams(self, params: dict[str, Any]) -> None:
@@ -65,7 +68,8 @@ class Backend(ABC):
         """A table of rollouts: each row maps column name to a str / int / float."""
 
     @abstractmethod
-    def log_distribution(self, name: str, values: list[float], step: int) -> None: ...
+    def log_distribution(self, name: str, values: list[float], step: int) -> None:
+        """Values of one step (never empty, all finite)."""
 
     def run_identity(self) -> dict[str, str]:
         """Ids a resumed job needs to continue the same tracker run (e.g. {'wandb_run_id': ...})."""

@@ -133,7 +133,6 @@ class BackendWorker:
         self.inbox: deque[Event | _Control] = deque()  # append/popleft are atomic
         self._wake = threading.Event()  # set for flush and stop requests only
         self.backlog = Backlog(delivery_cfg.max_in_memory, spill_dir / f"{backend.name}.spill")
-        self.delivered = 0  # events delivered (for tests and the final report)
         self.failures = 0  # failed delivery attempts
         self._received = 0
         self._opened = False
@@ -221,7 +220,6 @@ class BackendWorker:
                 self._failed(exc)
                 return
             self.backlog.pop(len(events))
-            self.delivered += len(events)
             if self.failures and self._retry_delay:
                 log.warning("tracker backend %s recovered; delivery resumed (%d queued)", self.name, len(self.backlog))
             self._retry_delay = 0.0
@@ -252,9 +250,9 @@ class BackendWorker:
             if len(points) == 1 and len(points[0].metrics) > max_n:  # one huge step: split it
                 items = list(points[0].metrics.items())
                 for i in range(0, len(items), max_n):
-                    self.backend.log_metrics_batch([points[0]._replace(metrics=dict(items[i : i + max_n]))])
+                    self.backend.log_metrics([points[0]._replace(metrics=dict(items[i : i + max_n]))])
             else:
-                self.backend.log_metrics_batch(points)
+                self.backend.log_metrics(points)
         elif first.kind == "hyperparams":
             self.backend.log_hyperparams(first.payload)
         elif first.kind == "samples":

@@ -5,6 +5,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+
+
+@dataclass
+class Phase:
+    """What `with timer("name") as phase:` gives: `phase.seconds` once the block is done."""
+
+    seconds: float = 0.0
 
 
 class StepTimer:
@@ -14,17 +22,15 @@ class StepTimer:
         self._pending: dict[str, float] = {}
 
     @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
+    def __call__(self, name: str) -> Iterator[Phase]:
+        phase = Phase()
         start = time.perf_counter()
         try:
-            yield
+            yield phase
         finally:
+            phase.seconds = time.perf_counter() - start
             key = f"time/{name}"
-            self._pending[key] = self._pending.get(key, 0.0) + time.perf_counter() - start
-
-    def peek(self) -> dict[str, float]:
-        """The durations recorded so far this step, without forgetting them."""
-        return dict(self._pending)
+            self._pending[key] = self._pending.get(key, 0.0) + phase.seconds
 
     def take(self) -> dict[str, float]:
         """The durations recorded since the last call, then forget them."""

@@ -16,21 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from rlrun.redact import flatten, redact
-from rlrun.tracking.backends import backend_class
-from rlrun.tracking.backends.jsonl import jsonl_path, last_logged_step
+from rlrun.tracking.backends import backend_class, enabled_backends
+from rlrun.tracking.backends.jsonl import jsonl_path
 from rlrun.tracking.base import MetricPoint, TrackerContext
 from rlrun.tracking.delivery import BackendWorker, Event
+from rlrun.tracking.record import last_logged_step
 from rlrun.tracking.reduce import process_group, reduce_metrics
 from rlrun.tracking.timing import StepTimer
 
 log = logging.getLogger("rlrun.tracking")
-OPTIONAL_BACKENDS = ("console", "tensorboard", "mlflow", "wandb")
-
-
-def enabled_backends(logger_cfg: Any) -> list[str]:
-    """Backend names selected by a `logger` config node; jsonl always comes first."""
-    return ["jsonl"] + [name for name in OPTIONAL_BACKENDS if logger_cfg[name].enabled]
-
 
 def _dist_rank() -> int:
     dist = process_group()  # never imports torch just to learn we are rank 0
@@ -48,8 +42,9 @@ class Tracker:
         output_dir: str | Path,
         run_name: str = "rlrun",
         rank: int | None = None,
-        extra: Mapping[str, Any] | None = None,
+        **context: Any,
     ) -> None:
+        """`context`: the other fields of `TrackerContext` (resume_ids, max_table_rows, ...)."""
         self.job = job
         self.rank = _dist_rank() if rank is None else rank
         self.timer = StepTimer()
@@ -57,7 +52,7 @@ class Tracker:
         self._identity: dict[str, str] = {}
         self._finished = False
         output_dir = Path(output_dir)
-        ctx = TrackerContext(job=job, output_dir=output_dir, run_name=run_name, extra=dict(extra or {}))
+        ctx = TrackerContext(job=job, output_dir=output_dir, run_name=run_name, **context)
         self.jsonl_file = jsonl_path(logger_cfg.jsonl, ctx)
         # Steps already in this job's record (a resumed job) are not logged again.
         self.last_logged_step = last_logged_step(self.jsonl_file)
@@ -119,6 +114,7 @@ class Tracker:
             return
         if hasattr(values, "tolist"):
             values = values.tolist()
+        # The one place non-finite values are dropped: no backend can bin NaN / inf.
         floats = [float(v) for v in values if v is not None and math.isfinite(float(v))]
         if floats:
             self._submit(Event("distribution", (name, floats, step)))

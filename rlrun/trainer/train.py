@@ -276,9 +276,9 @@ def run(cfg: Any, run_dir: Path, stop: StopFlag, ranks: Ranks) -> None:
     micro_batch_size = tcfg.micro_batch_size
 
     xcfg = tcfg.log_extras  # the trainer logs distributions only (samples are the orchestrator's)
-    extra = {k: state[k] for k in ("wandb_run_id", "mlflow_run_id") if state.get(k)}
-    extra["max_table_rows"] = xcfg.max_rows
-    tracker = Tracker(cfg.logger, job="trainer", output_dir=run_dir, run_name=cfg.name, extra=extra)
+    resume_ids = {k: state[k] for k in ("wandb_run_id", "mlflow_run_id") if state.get(k)}
+    tracker = Tracker(cfg.logger, job="trainer", output_dir=run_dir, run_name=cfg.name, resume_ids=resume_ids,
+                      max_table_rows=xcfg.max_rows)  # fmt: skip
     try:
         if start == 1:
             tracker.log_hyperparams(cfg)
@@ -307,14 +307,14 @@ def run(cfg: Any, run_dir: Path, stop: StopFlag, ranks: Ranks) -> None:
 
             # Per-token values only on steps that log them: otherwise nothing extra is kept.
             token_values = {} if xcfg.distributions and step % xcfg.interval == 0 else None
-            with tracker.timer("forward_backward"):
+            with tracker.timer("forward_backward") as fwd_bwd:
                 tokens_per_rank = sum_ranks(float(batch["loss_mask"][:, 1:].sum()), ranks) / world
                 stats = forward_backward(
                     model, batch, temperature, tcfg.clip_eps_low, tcfg.clip_eps_high,
                     tcfg.kl_coef, ref_model, micro_batch_size, loss_tokens=max(tokens_per_rank, 1.0),
                     token_values=token_values,
                 )  # fmt: skip
-            with tracker.timer("optimizer_step"):
+            with tracker.timer("optimizer_step") as opt_step:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm))
                 if math.isfinite(grad_norm):
                     optimizer.step()
@@ -330,8 +330,7 @@ def run(cfg: Any, run_dir: Path, stop: StopFlag, ranks: Ranks) -> None:
                     if rank == 0:
                         save_checkpoint(run_dir, step, model, optimizer, tracker.run_identity())
 
-            timings = tracker.timer.peek()
-            compute_s = timings["time/forward_backward"] + timings["time/optimizer_step"]
+            compute_s = fwd_bwd.seconds + opt_step.seconds
             metrics = {
                 **stats,
                 "grad_norm": grad_norm,

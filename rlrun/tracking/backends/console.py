@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rlrun.tracking.base import Backend, TrackerContext
+from rlrun.tracking.base import Backend, MetricPoint, TrackerContext
 
 
 def format_value(value: float) -> str:
@@ -32,10 +32,11 @@ class ConsoleBackend(Backend):
 
             Console(highlight=False).print(text, markup=False)
 
-    def log_metrics(self, metrics: dict[str, float], step: int, time: float) -> None:
-        keys = [k for k in self.keys if k in metrics] if self.keys else sorted(metrics)
-        body = " | ".join(f"{k} {format_value(metrics[k])}" for k in keys)
-        self._emit(f"[{self.job}] step {step} | {body}")
+    def log_metrics(self, points: list[MetricPoint]) -> None:
+        for point in points:
+            keys = [k for k in self.keys if k in point.metrics] if self.keys else sorted(point.metrics)
+            body = " | ".join(f"{k} {format_value(point.metrics[k])}" for k in keys)
+            self._emit(f"[{self.job}] step {point.step} | {body}")
 
     def log_hyperparams(self, params: dict[str, Any]) -> None:
         self._emit(f"[{self.job}] {len(params)} hyperparameters logged")

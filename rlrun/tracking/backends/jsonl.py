@@ -1,7 +1,7 @@
 """The local record: `<run>/metrics/<job>.jsonl`, append-only, one JSON object per call.
 
 Always on. Every line is flushed as it is written, so the file holds everything logged
-up to a crash; reports and the console progress read it back without any tracker.
+up to a crash; `rlrun.tracking.record` reads it back without any tracker.
 """
 
 from __future__ import annotations
@@ -17,25 +17,6 @@ def jsonl_path(cfg: Any, ctx: TrackerContext) -> Path:
     root = Path(cfg.dir) if cfg.dir else ctx.output_dir / "metrics"
     return root / f"{ctx.job}.jsonl"
 
-
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Every complete record of a jsonl file (a torn last line from a crash is skipped)."""
-    records = []
-    path = Path(path)
-    if not path.exists():
-        return records
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
-
-
-def last_logged_step(path: str | Path) -> int | None:
-    steps = [r["step"] for r in read_records(path) if r.get("type") == "metrics"]
-    return max(steps) if steps else None
 
 
 class JsonlBackend(Backend):
@@ -53,10 +34,7 @@ class JsonlBackend(Backend):
         assert self._file is not None
         self._file.write(json.dumps(record, default=str, allow_nan=True) + "\n")
 
-    def log_metrics(self, metrics: dict[str, float], step: int, time: float) -> None:
-        self.log_metrics_batch([MetricPoint(step, metrics, time)])
-
-    def log_metrics_batch(self, points: list[MetricPoint]) -> None:
+    def log_metrics(self, points: list[MetricPoint]) -> None:
         for p in points:
             self._write({"type": "metrics", "step": p.step, "time": p.time, "metrics": p.metrics})
         self._file.flush()  # type: ignore[union-attr]

@@ -1,7 +1,8 @@
 """MLflow backend: batched metrics, params, sample tables and distribution artifacts.
 
-Trainer and orchestrator share ONE MLflow run (the parent creates it with `ensure_run`
-and hands the id to the jobs); each job's metric keys carry a `<job>/` prefix.
+Trainer and orchestrator share ONE MLflow run (the parent creates it, see
+`rlrun.tracking.runs`, and hands the id to the jobs); each job's metric keys carry a
+`<job>/` prefix.
 
 Everything goes through an explicit `MlflowClient` (never the fluent, process-global API),
 so several backends in one process cannot step on each other.
@@ -23,14 +24,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import tempfile
 import time as _time
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import pandas as pd  # an mlflow dependency; log_table takes its tables
 from mlflow.entities import Metric, Param
@@ -38,6 +37,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 
 from rlrun.tracking.base import Backend, MetricPoint, TrackerContext
+from rlrun.tracking.runs import ensure_run, mlflow_client, resolve_tracking_uri
 
 try:  # a private module; the fallbacks are MLflow's documented limits
     from mlflow.utils.validation import (
@@ -52,149 +52,9 @@ except ImportError:
 
 log = logging.getLogger(__name__)
 
-# The MLflow HTTP client retries a failing request for minutes by default (7 retries with
-# exponential backoff, 120 s timeout), which would stall our writer thread; our delivery
-# layer retries with its own backoff instead. MLflow reads these per request; a value the
-# user set wins.
-_HTTP_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # no tqdm bars from a background thread
-}
-
-
-def _limit_http_retries() -> None:
-    for name, value in _HTTP_DEFAULTS.items():
-        os.environ.setdefault(name, value)
-
-
-_limit_http_retries()
-
 DISTRIBUTION_STATS = ("p5", "p50", "p95", "mean", "std", "min", "max")
 HISTOGRAM_BINS = 30
-
-# ---------------------------------------------------------------- run and experiment
-
-
-def resolve_tracking_uri(cfg: Any) -> str:
-    """`cfg.tracking_uri`, else $MLFLOW_TRACKING_URI, else a SQLite store at ./outputs/mlflow.db.
-
-    The parent should resolve this once and hand the result to its jobs (their working
-    directory may differ, which would move the cwd-relative default).
-    """
-    uri = getattr(cfg, "tracking_uri", None) or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return str(uri)
-    return f"sqlite:///{Path('outputs').resolve() / 'mlflow.db'}"
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    path = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else ""
-    return Path(path) if path and path != ":memory:" else None
-
-
-def _client(uri: str) -> Any:
-    """A client for `uri`; a local SQLite store's directory is created first.
-
-    Creating the client creates or migrates a SQLite store's schema; processes doing that
-    at the same moment (the jobs of a sweep on a fresh store) break each other's
-    migration, so they take turns under a file lock next to the store.
-    """
-    _limit_http_retries()
-    if (db := _sqlite_path(uri)) is None:
-        return mlflow.MlflowClient(tracking_uri=uri)
-    import fcntl
-
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            return mlflow.MlflowClient(tracking_uri=uri)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _local_artifact_location(uri: str, experiment_name: str) -> str | None:
-    """Artifacts of experiments we create next to a local SQLite store; servers decide their own."""
-    db_path = _sqlite_path(uri)
-    if db_path is None:
-        return None
-    safe_name = re.sub(r"[^\w.-]", "_", experiment_name) or "default"
-    return str(db_path.resolve().parent / "mlartifacts" / safe_name)
-
-
-def _experiment_id(client: Any, name: str, uri: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        try:
-            return client.create_experiment(name, artifact_location=_local_artifact_location(uri, name))
-        except MlflowException as e:
-            # Another process (the other job, a sweep sibling) created it between our get and create.
-            if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise RuntimeError(f"MLflow experiment {name!r} reported as existing but cannot be read")
-    if experiment.lifecycle_stage == "deleted":
-        raise RuntimeError(
-            f"MLflow experiment {name!r} at {uri} is deleted; restore it "
-            f"(`mlflow experiments restore --experiment-id {experiment.experiment_id}`) "
-            "or choose another logger.mlflow.experiment_name"
-        )
-    return experiment.experiment_id
-
-
-def ensure_run(cfg: Any, ctx: TrackerContext | None = None, tracking_uri: str | None = None) -> str:
-    """Return the MLflow run id to log to, creating experiment and run when needed.
-
-    With `cfg.run_id` set, checks the run exists (MlflowException otherwise) and returns it.
-    Otherwise gets or creates `cfg.experiment_name` and creates a run named `cfg.run_name`
-    (else `ctx.run_name`) with `cfg.tags`. The parent calls this once, before starting the
-    jobs, so that they all share one run.
-    """
-    uri = tracking_uri or resolve_tracking_uri(cfg)
-
-    def attempt() -> str:
-        client = _client(uri)
-        run_id = getattr(cfg, "run_id", None)
-        if run_id:
-            client.get_run(run_id)  # raises RESOURCE_DOES_NOT_EXIST for a wrong id
-            return str(run_id)
-        experiment_id = _experiment_id(client, getattr(cfg, "experiment_name", None) or "rlrun", uri)
-        tags = {str(k): str(v) for k, v in (getattr(cfg, "tags", None) or {}).items()}
-        run_name = getattr(cfg, "run_name", None) or (ctx.run_name if ctx else None)
-        return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-
-    return _retry_sqlite_contention(attempt, uri)
-
-
-# Several processes writing one SQLite store (sweep jobs): a write lock held too long.
-_SQLITE_CONTENTION = ("database is locked",)
-
-
-def _retry_sqlite_contention(fn: Any, uri: str, timeout_s: float = 120.0) -> Any:
-    if _sqlite_path(uri) is None:
-        return fn()
-    deadline, delay = _time.monotonic() + timeout_s, 0.2
-    while True:
-        try:
-            return fn()
-        except Exception as exc:
-            if not any(s in str(exc) for s in _SQLITE_CONTENTION) or _time.monotonic() > deadline:
-                raise
-            log.warning("mlflow: %s busy (%s); retrying", uri, str(exc).splitlines()[0][:120])
-        _time.sleep(delay)
-        delay = min(delay * 2, 5.0)
-
-
-# ---------------------------------------------------------------- names
-
 _BAD_KEY_CHARS = re.compile(r"[^\w\-. /:]")
-
-
-def end_run(tracking_uri: str, run_id: str, status: str) -> None:
-    """Mark the shared run FINISHED / FAILED / KILLED (the parent, once every job is done)."""
-    _client(tracking_uri).set_terminated(run_id, status=status)
 
 
 def sanitize_key(key: str) -> str:
@@ -205,10 +65,6 @@ def sanitize_key(key: str) -> str:
     parts = ["_" * len(p) if p in (".", "..") else p for p in parts]
     key = "/".join(parts)[:MAX_ENTITY_KEY_LENGTH].rstrip("/")
     return key or "_"
-
-
-def _chunks(items: list[Any], size: int) -> list[list[Any]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _json_cell(value: Any) -> Any:
@@ -223,7 +79,7 @@ class MlflowBackend(Backend):
         self.cfg = cfg
         self.ctx = ctx
         self.tracking_uri = resolve_tracking_uri(cfg)
-        self.run_id: str | None = ctx.extra.get("mlflow_run_id") or getattr(cfg, "run_id", None)
+        self.run_id: str | None = ctx.resume_ids.get("mlflow_run_id") or getattr(cfg, "run_id", None)
         self.job = sanitize_key(ctx.job) if ctx.job else ""
         self.prefix = f"{self.job}/" if self.job else ""
         self._client: Any = None
@@ -236,9 +92,9 @@ class MlflowBackend(Backend):
 
     def open(self) -> None:
         if self._client is None:
-            self._client = _client(self.tracking_uri)
+            self._client = mlflow_client(self.tracking_uri)
         if self.run_id is None:
-            self.run_id = ensure_run(self.cfg, self.ctx, tracking_uri=self.tracking_uri)
+            self.run_id = ensure_run(self.cfg, self.ctx.run_name, tracking_uri=self.tracking_uri)
         else:
             self._client.get_run(self.run_id)  # a wrong id fails here, not on the first batch
 
@@ -250,8 +106,8 @@ class MlflowBackend(Backend):
 
     def finish(self) -> None:
         # The parent owns the run's lifecycle (several jobs log to it); standalone users
-        # set ctx.extra["mlflow_end_run"] so the run is marked FINISHED here.
-        if self.ctx.extra.get("mlflow_end_run") and self._client is not None and self.run_id:
+        # set ctx.mlflow_end_run so the run is marked FINISHED here.
+        if self.ctx.mlflow_end_run and self._client is not None and self.run_id:
             self._client.set_terminated(self.run_id, status="FINISHED")
 
     # ------------------------------------------------------------ metrics
@@ -274,13 +130,10 @@ class MlflowBackend(Backend):
 
     def _send_metrics(self, metrics: list[Metric]) -> None:
         # synchronous=True: errors must reach our retry layer even if async logging is enabled.
-        for chunk in _chunks(metrics, self.max_batch_metrics):
-            self._client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+        # The delivery layer never hands over more than max_batch_metrics values at once.
+        self._client.log_batch(self.run_id, metrics=metrics, synchronous=True)
 
-    def log_metrics(self, metrics: dict[str, float], step: int, time: float) -> None:
-        self.log_metrics_batch([MetricPoint(step, metrics, time)])
-
-    def log_metrics_batch(self, points: list[MetricPoint]) -> None:
+    def log_metrics(self, points: list[MetricPoint]) -> None:
         out = []
         for point in points:
             ms = int(point.time * 1000)
@@ -308,8 +161,8 @@ class MlflowBackend(Backend):
                 ", ".join(changed[:5]) + (", ..." if len(changed) > 5 else ""),
             )
         new = [Param(k, v) for k, v in wanted.items() if k not in existing]
-        for chunk in _chunks(new, MAX_PARAMS_TAGS_PER_BATCH):
-            self._client.log_batch(self.run_id, params=chunk, synchronous=True)
+        for i in range(0, len(new), MAX_PARAMS_TAGS_PER_BATCH):  # MLflow's own limit per request
+            self._client.log_batch(self.run_id, params=new[i : i + MAX_PARAMS_TAGS_PER_BATCH], synchronous=True)
 
     # ------------------------------------------------------------ samples
 
@@ -355,11 +208,7 @@ class MlflowBackend(Backend):
     # ------------------------------------------------------------ distributions
 
     def log_distribution(self, name: str, values: list[float], step: int) -> None:
-        array = np.asarray(values, dtype=np.float64).ravel()
-        finite = array[np.isfinite(array)]
-        if finite.size == 0:
-            log.debug("mlflow: distribution %r at step %d has no finite values; skipped", name, step)
-            return
+        finite = np.asarray(values, dtype=np.float64)
         p5, p50, p95 = np.percentile(finite, [5, 50, 95])
         values = (p5, p50, p95, finite.mean(), finite.std(), finite.min(), finite.max())
         # Same timestamp on a retry, so MLflow's dedup of identical rows applies.
@@ -374,8 +223,7 @@ class MlflowBackend(Backend):
             "step": int(step),
             "bin_edges": edges.tolist(),
             "counts": counts.tolist(),
-            "num_values": int(array.size),
-            "num_nonfinite": int(array.size - finite.size),
+            "num_values": int(finite.size),
         }
         path = f"distributions/{self.prefix}{sanitize_key(name)}_step_{step:06d}.json"
         self._client.log_dict(self.run_id, histogram, path)  # overwrites: a retry is harmless

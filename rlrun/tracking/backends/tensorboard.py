@@ -42,10 +42,7 @@ class TensorboardBackend(Backend):
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._writer = SummaryWriter(log_dir=str(self.log_dir), flush_secs=self.flush_secs)
 
-    def log_metrics(self, metrics: dict[str, float], step: int, time: float) -> None:
-        self.log_metrics_batch([MetricPoint(step, metrics, time)])
-
-    def log_metrics_batch(self, points: list[MetricPoint]) -> None:
+    def log_metrics(self, points: list[MetricPoint]) -> None:
         for point in points:
             for key, value in point.metrics.items():
                 self._writer.add_scalar(key, float(value), global_step=point.step, walltime=point.time)
@@ -66,12 +63,7 @@ class TensorboardBackend(Backend):
         self._writer.flush()
 
     def log_distribution(self, name: str, values: list[float], step: int) -> None:
-        # numpy's histogram rejects NaN/inf (no finite range); the finite part is what we can plot.
-        array = np.asarray(values, dtype=np.float64).ravel()
-        finite = array[np.isfinite(array)]
-        if finite.size == 0:
-            return
-        self._writer.add_histogram(name, finite, global_step=step)
+        self._writer.add_histogram(name, np.asarray(values, dtype=np.float64), global_step=step)
         self._writer.flush()
 
     def finish(self) -> None:

@@ -2,7 +2,7 @@
 
 Trainer and orchestrator get their own runs (`<name>-trainer`, `<name>-orchestrator`) in
 one group, so W&B's grouping shows them side by side. The run id is fixed in the
-constructor (from `logger.wandb.id`, or generated), so the tracker knows the identity a
+constructor (`rlrun.tracking.runs.wandb_run_id`), so the tracker knows the identity a
 resumed job needs before anything connects.
 
 Uses only the run object (`run.log`, `run.config`), never the global `wandb.log`, and
@@ -15,8 +15,6 @@ from __future__ import annotations
 import logging
 import netrc
 import os
-import random
-import string
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -26,17 +24,13 @@ import numpy as np
 import wandb
 
 from rlrun.tracking.base import Backend, MetricPoint, TrackerContext
+from rlrun.tracking.runs import wandb_run_id
 
 log = logging.getLogger(__name__)
 
 SAMPLES_KEY = "samples"
 _OFFLINE_MODES = {"offline", "dryrun", "disabled"}
 _CREDENTIAL_VARS = ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE")
-
-
-def _generate_id(length: int = 8) -> str:
-    """A W&B-style run id (lowercase base36), chosen locally so it is known before open()."""
-    return "".join(random.SystemRandom().choices(string.ascii_lowercase + string.digits, k=length))
 
 
 def _has_netrc_entry(host: str) -> bool:
@@ -58,15 +52,12 @@ class WandbBackend(Backend):
         self.cfg = cfg
         self.ctx = ctx
         job = ctx.job
-        cfg_id, cfg_name = getattr(cfg, "id", None), getattr(cfg, "name", None)
-        # ctx.extra["wandb_run_id"] (a saved identity) wins: a resumed job continues that run.
-        self.run_id: str = ctx.extra.get("wandb_run_id") or (
-            (f"{cfg_id}-{job}" if job else str(cfg_id)) if cfg_id else _generate_id()
-        )
+        cfg_name = getattr(cfg, "name", None)
+        self.run_id = wandb_run_id(cfg, job, ctx.resume_ids)
         self.run_name: str | None = (f"{cfg_name}-{job}" if job else str(cfg_name)) if cfg_name else None
         self.group: str | None = getattr(cfg, "group", None) or cfg_name
         self.dir = Path(getattr(cfg, "dir", None) or ctx.output_dir)
-        self.max_rows = int(ctx.extra.get("max_table_rows", 1000))
+        self.max_rows = int(ctx.max_table_rows)
         self._rows: deque[dict[str, Any]] = deque(maxlen=self.max_rows)
         self._run: Any = None
 
@@ -95,7 +86,7 @@ class WandbBackend(Backend):
             return
         cfg = self.cfg
         settings: dict[str, Any] = {"console": "off", "silent": True, "quiet": True}
-        settings.update(self.ctx.extra.get("wandb_settings", {}))
+        settings.update(self.ctx.wandb_settings)
         api_key = getattr(cfg, "api_key", None)
         if api_key:
             # Handed to this run's login only: never written to .netrc, config or logs.
@@ -132,10 +123,7 @@ class WandbBackend(Backend):
         """The step W&B will accept next; it drops anything lower (e.g. after a resume)."""
         return int(self._run.step)
 
-    def log_metrics(self, metrics: dict[str, float], step: int, time: float) -> None:
-        self.log_metrics_batch([MetricPoint(step, metrics, time)])
-
-    def log_metrics_batch(self, points: list[MetricPoint]) -> None:
+    def log_metrics(self, points: list[MetricPoint]) -> None:
         for point in points:
             current = self._current_step()
             if point.step < current:
@@ -164,10 +152,6 @@ class WandbBackend(Backend):
         self._rows = kept  # only once logged, so a retried call does not add its rows twice
 
     def log_distribution(self, name: str, values: list[float], step: int) -> None:
-        array = np.asarray(values, dtype=np.float64).ravel()
-        finite = array[np.isfinite(array)]  # numpy's histogram cannot bin NaN/inf
-        if finite.size == 0:
-            return
         # A late distribution (step behind the run) goes to the current step rather than
         # being dropped by W&B.
-        self._run.log({name: wandb.Histogram(finite)}, step=max(step, self._current_step()))
+        self._run.log({name: wandb.Histogram(np.asarray(values, dtype=np.float64))}, step=max(step, self._current_step()))

@@ -22,7 +22,6 @@ from pathlib import Path
 from rlrun.job import PARENT_PID_ENV
 
 
-
 @dataclass
 class Job:
     name: str
@@ -84,6 +83,10 @@ class Supervisor:
         self.jobs.append(job)
         self.log(f"started {job.name} (pid {job.proc.pid}): log {_relative(job.log_file, self.run_dir)}")
         return job
+
+    def running_pids(self) -> dict[str, int]:
+        """Each running job's pid (the monitor reads this at every sample: later jobs are seen too)."""
+        return {j.name: j.proc.pid for j in list(self.jobs) if j.proc is not None and j.proc.returncode is None}
 
     def check(self) -> None:
         """Raise JobFailed for the first job that exited non-zero."""

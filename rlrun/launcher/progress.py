@@ -7,39 +7,13 @@ keeps, so the view costs the jobs nothing.
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-
-class JsonlTail:
-    """New complete metric records of a growing jsonl file, read incrementally."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._offset = 0
-
-    def new_metrics(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        with open(self.path, "rb") as f:
-            f.seek(self._offset)
-            data = f.read()
-        end = data.rfind(b"\n") + 1  # a line still being written waits for the next call
-        self._offset += end
-        records = []
-        for line in data[:end].splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("type") == "metrics":
-                records.append(record)
-        return records
+from rlrun.tracking.record import RecordTail, record_path
 
 
 class RunProgress:
@@ -47,8 +21,8 @@ class RunProgress:
 
     def __init__(self, run_dir: Path, max_steps: int, console: Console | None = None) -> None:
         self.max_steps = max_steps
-        self.orchestrator = JsonlTail(run_dir / "metrics" / "orchestrator.jsonl")
-        self.trainer = JsonlTail(run_dir / "metrics" / "trainer.jsonl")
+        self.orchestrator = RecordTail(record_path(run_dir, "orchestrator"))
+        self.trainer = RecordTail(record_path(run_dir, "trainer"))
         self.rewards: dict[int, float] = {}
         self.trained = 0
         self.reward = float("nan")
@@ -63,12 +37,12 @@ class RunProgress:
         self.progress.start()
 
     def update(self) -> None:
-        for record in self.orchestrator.new_metrics():
+        for record in self.orchestrator.new_records():
             metrics = record["metrics"]
             self.rewards[record["step"]] = metrics.get("reward", float("nan"))
             self.reward = self.rewards[record["step"]]
             self.tokens_per_s = metrics.get("tokens/s", self.tokens_per_s)
-        for record in self.trainer.new_metrics():
+        for record in self.trainer.new_records():
             self.trained = max(self.trained, record["step"])
         self.progress.update(
             self.task, completed=self.trained, reward=f"{self.reward:.3f}", tps=f"{self.tokens_per_s:,.0f}"

@@ -37,7 +37,6 @@ system metrics go on. No failure of the monitor ever stops the run.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -48,6 +47,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
+from rlrun.gpus import cuda_visible_devices
+from rlrun.tracking.record import RecordTail, last_metric, record_path
 
 _log = logging.getLogger("rlrun.monitor")
 
@@ -80,7 +82,7 @@ class Monitor:
         self.pids = pids or (lambda: {})
         self.warn = warn or _log.warning
         self._gpu = _Gpus(self.warn) if gpu else None
-        self._trainer = _LatestStep(self.run_dir / "metrics" / "trainer.jsonl")
+        self._trainer = _LatestStep(record_path(self.run_dir, "trainer"))
         self._trees: dict[str, tuple[int, float, list[psutil.Process]]] = {}  # job -> (pid, read at, tree)
         self._run_dir_gb: float | None = None
         self._run_dir_at = -float("inf")
@@ -91,7 +93,7 @@ class Monitor:
         self._errors: set[str] = set()
         last = getattr(tracker, "last_logged_step", None)
         self._step = int(last) if last is not None else 0  # the next sample is _step + 1
-        self._elapsed_offset = _last_metric(getattr(tracker, "jsonl_file", None), "system/elapsed_s") if last else 0.0
+        self._elapsed_offset = (last_metric(getattr(tracker, "jsonl_file", None), "system/elapsed_s") or 0.0) if last else 0.0
         self._t0 = time.monotonic()
         self.samples = 0  # taken by this Monitor
         self.flushes = 0  # hand-overs to the tracker that carried samples
@@ -323,13 +325,11 @@ class _Gpus:
 def _visible_handles(nv: Any) -> list[Any]:
     """NVML handles of the GPUs CUDA would use, in CUDA order (CUDA_VISIBLE_DEVICES honoured)."""
     count = nv.nvmlDeviceGetCount()
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = cuda_visible_devices()
     if visible is None:
         return [nv.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
     handles = []
-    for item in (s.strip() for s in visible.split(",")):
-        if not item:
-            continue
+    for item in visible:
         if item.isdigit():
             if int(item) >= count:
                 break  # CUDA stops at the first invalid ordinal
@@ -349,13 +349,11 @@ class _LatestStep:
     """The newest step of a job's jsonl record, read incrementally."""
 
     def __init__(self, path: Path) -> None:
-        from rlrun.progress import JsonlTail
-
-        self.tail = JsonlTail(path)
+        self.tail = RecordTail(path)
         self.step = 0
 
     def latest(self) -> int:
-        for record in self.tail.new_metrics():
+        for record in self.tail.new_records():
             self.step = max(self.step, int(record.get("step", 0)))
         return self.step
 
@@ -379,25 +377,6 @@ def _tree_size(root: Path) -> int:
     return total
 
 
-def _last_metric(path: Path | None, name: str, tail_bytes: int = 1 << 16) -> float:
-    """`name` in the newest metrics record of a jsonl file that has it (read from the end)."""
-    if path is None or not Path(path).is_file():
-        return 0.0
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        f.seek(max(0, f.tell() - tail_bytes))
-        lines = f.read().splitlines()
-    for line in reversed(lines):
-        try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        value = record.get("metrics", {}).get(name) if record.get("type") == "metrics" else None
-        if isinstance(value, (int, float)):
-            return float(value)
-    return 0.0
-
-
 def start_monitor(cfg: Any, run_dir: str | Path, pids: Callable[[], Mapping[str, int]],
                   warn: Callable[[str], None] | None = None) -> Monitor | None:  # fmt: skip
     """The run's monitor per `cfg.monitor`, started; None when it is off or cannot start.
@@ -412,7 +391,7 @@ def start_monitor(cfg: Any, run_dir: str | Path, pids: Callable[[], Mapping[str,
     try:
         from omegaconf import OmegaConf
 
-        from rlrun.tracking.tracker import Tracker
+        from rlrun.tracking import Tracker
 
         logger_cfg = OmegaConf.create(OmegaConf.to_container(cfg.logger, resolve=True))
         logger_cfg.console.enabled = False

@@ -8,7 +8,7 @@ import time
 import psutil
 import pytest
 
-from rlrun.launch import Job, JobFailed, Supervisor
+from rlrun.launcher.supervisor import Job, JobFailed, Supervisor
 
 # A job that starts a grandchild in its own process group, then sleeps.
 SLEEPER_WITH_CHILD = (

@@ -1,0 +1,140 @@
+"""`rlrun.launcher.run`: check the config, prepare the run, start the jobs, watch them, stop them.
+
+It only starts, watches and stops (as prime-rl's `rl` launcher does): the jobs do the work
+and talk through the run directory. All three start at once (orchestrator and trainer
+import torch while inference loads the model); the parent waits for inference's `/health`
+so that a server that cannot start is reported as such. The run is done when orchestrator
+and trainer exit 0; when any job fails, every job is stopped and the parent exits 1.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from rlrun.config import ConfigError, validate
+from rlrun.job import StopFlag
+from rlrun.launcher import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
+from rlrun.launcher.prepare import prepare_dir, settle
+from rlrun.launcher.supervisor import Job, JobFailed, Supervisor, python_module, torchrun
+from rlrun.redact import secrets_env
+from rlrun.rundir import job_log
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> int:
+    """Run the experiment `cfg` in `run_dir`; the process exit code."""
+    run_dir = Path(run_dir).resolve()
+    try:
+        validate(cfg)
+        if cfg.resume_from and not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"resume_from={cfg.resume_from!r}: not an rlrun run directory (no config.yaml)")
+    except ConfigError as exc:
+        print(f"rlrun: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    prepare_dir(cfg, run_dir)
+
+    from rlrun.inference.launch import plan
+    from rlrun.log import setup_logger
+    from rlrun.tracking.runs import end_runs
+
+    log = setup_logger(cfg.log_level, run_dir / "logs" / "rl.log", job="rl")
+    log.info(f"run directory: {run_dir}")
+    try:
+        cfg = settle(cfg, run_dir, log)
+        launch = plan(cfg, run_dir)
+    except Exception as exc:  # a tracker or backend that can never work, a model that cannot be built
+        log.error(f"could not start the run: {exc if isinstance(exc, ConfigError) else f'{type(exc).__name__}: {exc}'}")
+        end_runs(cfg.logger, "FAILED", log.warning)
+        return EXIT_CONFIG
+
+    code = _start_and_watch(cfg, run_dir, launch, log)
+    end_runs(cfg.logger, "FINISHED" if code == EXIT_OK else "FAILED" if code == EXIT_FAILED else "KILLED", log.warning)
+    return code
+
+
+def _start_and_watch(cfg: DictConfig, run_dir: Path, launch: Any, log: Any) -> int:
+    from rlrun.launcher.monitor import start_monitor
+    from rlrun.launcher.progress import RunProgress
+
+    stop = StopFlag().install()
+    sup = Supervisor(run_dir, log=log.info)
+    env = {**secrets_env(cfg), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    config = ["--config", str(run_dir / "config.yaml")]
+    progress = monitor = None
+    code = EXIT_OK
+    try:
+        sup.start(_job(run_dir, "inference", launch.command, {**env, **launch.env}))
+        monitor = start_monitor(cfg, run_dir, sup.running_pids, warn=log.warning)  # from the first job on
+        sup.start(_job(run_dir, "orchestrator", python_module("rlrun.orchestrator", *config), env))
+        sup.start(_job(run_dir, "trainer", _trainer_command(cfg, config), {**env, **launch.trainer_env}))
+        _wait_serving(cfg, sup, stop)
+        log.info(f"inference is serving on {cfg.inference.host}:{cfg.inference.port}")
+
+        progress = RunProgress(run_dir, cfg.max_steps)
+        finished = sup.wait({"orchestrator", "trainer"}, tick=progress.update, should_stop=lambda: bool(stop))
+        progress.update()
+        if finished:
+            log.info(f"run finished: {cfg.max_steps} steps; record in {run_dir}")
+            log.info(progress.summary())
+        else:
+            code = 128 + (stop.signal or signal.SIGTERM)
+            log.warning(f"stop requested (signal {stop.signal}); stopping every job gracefully")
+    except KeyboardInterrupt:
+        code = 128 + (stop.signal or signal.SIGINT)
+        log.warning("interrupted; stopping every job gracefully")
+    except JobFailed as exc:
+        code = EXIT_FAILED
+        log.error(str(exc))
+        _show_tail(exc.job.log_file, log)
+    except Exception as exc:
+        code = EXIT_FAILED
+        log.exception(f"the run failed: {exc}")
+    finally:
+        if progress is not None:
+            progress.close()
+        # A failure stops the others fast; a requested stop lets trackers flush.
+        grace = 5.0 if code == EXIT_FAILED else float(cfg.logger.delivery.flush_timeout_s) + 15.0
+        sup.stop_all(grace)
+        if monitor is not None:  # after the jobs: its last samples see them go; before the MLflow run ends
+            monitor.close()
+    return code
+
+
+def _trainer_command(cfg: DictConfig, config: list[str]) -> list[str]:
+    if cfg.trainer.num_ranks > 1:  # ranks under torchrun
+        return torchrun("rlrun.trainer", cfg.trainer.num_ranks, *config)
+    return python_module("rlrun.trainer", *config)
+
+
+def _job(run_dir: Path, name: str, cmd: list[str], env: dict[str, str]) -> Job:
+    log_file = job_log(run_dir, name)
+    stdout = log_file if name == "inference" else run_dir / "logs" / f"{name}.stdout"
+    return Job(name, cmd, log_file=log_file, stdout_file=stdout, env=env)
+
+
+def _wait_serving(cfg: DictConfig, sup: Supervisor, stop: StopFlag) -> None:
+    """Until inference answers `/health` on its port; a job failing meanwhile raises JobFailed."""
+    from rlrun.inference.client import InferenceClient
+
+    def check() -> None:
+        sup.check()
+        if stop:
+            raise KeyboardInterrupt
+
+    client = InferenceClient(f"http://{cfg.inference.host}:{cfg.inference.port}")
+    try:
+        client.wait_healthy(cfg.inference.startup_timeout_s, check=check)
+    finally:
+        client.close()
+
+
+def _show_tail(path: Path, log: Any, lines: int = 15) -> None:
+    if path.is_file():
+        tail = path.read_text(errors="replace").splitlines()[-lines:]
+        if tail:
+            log.error(f"last lines of {path.name}:\n" + "\n".join(tail))
