@@ -17,8 +17,10 @@ by `log_extras.max_rows`.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
+
+from rlrun.orchestrator.rollout import Rollout
 
 
 def is_logging_step(step: int, interval: int) -> bool:
@@ -64,53 +66,34 @@ def best_and_worst(rewards: Sequence[float], k: int) -> list[int]:
     return best + worst
 
 
-def sample_rows(
-    step: int,
-    picks: Sequence[tuple[int, str]],
-    prompts: Sequence[str],
-    completions: Sequence[str],
-    scores: Sequence[Mapping[str, float]],
-    advantages: Sequence[float],
-    prompt_tokens: Sequence[int],
-    completion_tokens: Sequence[int],
-) -> list[dict[str, Any]]:
-    """One table row per pick (`select_samples`' output); all sequences are per rollout."""
+def sample_rows(step: int, picks: Sequence[tuple[int, str]], rollouts: Sequence[Rollout]) -> list[dict[str, Any]]:
+    """One table row per pick (`select_samples`' output: indices into `rollouts`)."""
     rows = []
     for i, why in picks:
-        fns = {fn: float(value) for fn, value in sorted(scores[i].items()) if fn != "reward"}
+        r = rollouts[i]
+        fns = {fn: float(value) for fn, value in sorted(r.scores.items()) if fn != "reward"}
         rows.append({
             "step": step,
             "selected_as": why,
-            "prompt": prompts[i],
-            "completion": completions[i],
+            "prompt": r.example.prompt,
+            "completion": r.text,
             **fns,
-            "reward": float(scores[i]["reward"]),
-            "advantage": float(advantages[i]),
-            "prompt_tokens": int(prompt_tokens[i]),
-            "completion_tokens": int(completion_tokens[i]),
+            "reward": float(r.reward),
+            "advantage": float(r.advantage),
+            "prompt_tokens": len(r.prompt_ids),
+            "completion_tokens": len(r.completion_ids),
         })  # fmt: skip
     return rows
 
 
-def log_rollout_extras(
-    tracker: Any,
-    extras_cfg: Any,
-    step: int,
-    rng: random.Random,
-    prompts: Sequence[str],
-    completions: Sequence[str],
-    scores: Sequence[Mapping[str, float]],
-    advantages: Sequence[float],
-    prompt_tokens: Sequence[int],
-    completion_tokens: Sequence[int],
-) -> None:
+def log_rollout_extras(tracker: Any, extras_cfg: Any, step: int, rng: random.Random, rollouts: Sequence[Rollout]) -> None:
     """The step's sample rows and distributions, as `extras_cfg` (a job's log_extras) asks."""
-    rewards = [float(s["reward"]) for s in scores]
+    rewards = [r.reward for r in rollouts]
+    lengths = [len(r.completion_ids) for r in rollouts]
     if extras_cfg.samples:
-        picks = select_samples(rewards, completion_tokens, extras_cfg.samples_per_step, rng)
-        rows = sample_rows(step, picks, prompts, completions, scores, advantages, prompt_tokens, completion_tokens)
-        tracker.log_samples(rows, step)
+        picks = select_samples(rewards, lengths, extras_cfg.samples_per_step, rng)
+        tracker.log_samples(sample_rows(step, picks, rollouts), step)
     if extras_cfg.distributions:
         tracker.log_distribution("distributions/reward", rewards, step)
-        tracker.log_distribution("distributions/advantage", list(advantages), step)
-        tracker.log_distribution("distributions/completion_length", list(completion_tokens), step)
+        tracker.log_distribution("distributions/advantage", [r.advantage for r in rollouts], step)
+        tracker.log_distribution("distributions/completion_length", lengths, step)

@@ -1,4 +1,5 @@
-"""One step's data, top to bottom: group-relative advantages, the batch tensors, the metrics.
+"""One step's data, top to bottom: the `Rollout` record, group-relative advantages, the batch
+tensors, the metrics.
 
 Metric names follow TRL's GRPO trainer where one exists (`reward`, `reward_std`,
 `rewards/<fn>/mean`, `frac_reward_zero_std`, `completions/*`, `num_tokens`).
@@ -8,10 +9,33 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
+from rlrun.envs.base import Example
 from rlrun.inference import Completion
+
+
+@dataclass
+class Rollout:
+    """One sampled completion and what the step learns about it, from sampling to the batch."""
+
+    example: Example  # the prompt's text and reference answer
+    prompt_ids: list[int]
+    completion: Completion  # token ids, the sampler's logprobs, finish reason
+    env: str = ""  # the environment that scores it
+    text: str = ""  # the completion as the scorer saw it
+    scores: dict[str, float] = field(default_factory=dict)  # each reward function, plus the total `reward`
+    advantage: float = 0.0
+
+    @property
+    def reward(self) -> float:
+        return self.scores["reward"]
+
+    @property
+    def completion_ids(self) -> list[int]:
+        return self.completion.token_ids
 
 
 def group_advantages(rewards: Sequence[float], group_size: int, eps: float = 1e-4) -> list[float]:
@@ -31,32 +55,26 @@ def group_advantages(rewards: Sequence[float], group_size: int, eps: float = 1e-
     return out
 
 
-def build_batch(
-    prompt_ids: Sequence[Sequence[int]],
-    completions: Sequence[Completion],
-    advantages: Sequence[float],
-    pad_id: int,
-) -> dict[str, torch.Tensor]:
-    """Right-padded tensors in `rlrun.batch`'s format; `prompt_ids[i]` belongs to `completions[i]`."""
-    rows = [list(p) + list(c.token_ids) for p, c in zip(prompt_ids, completions, strict=True)]
-    width = max(len(r) for r in rows)
-    n = len(rows)
+def build_batch(rollouts: Sequence[Rollout], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors in `rlrun.batch`'s format, one row per rollout: prompt then completion."""
+    width = max(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
+    n = len(rollouts)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((n, width), dtype=torch.long)
     loss_mask = torch.zeros((n, width), dtype=torch.float32)
     old_logprobs = torch.zeros((n, width), dtype=torch.float32)
-    for i, (prompt, completion) in enumerate(zip(prompt_ids, completions, strict=True)):
-        p, c = len(prompt), len(completion.token_ids)
-        input_ids[i, : p + c] = torch.tensor(rows[i], dtype=torch.long)
+    for i, r in enumerate(rollouts):
+        p, c = len(r.prompt_ids), len(r.completion_ids)
+        input_ids[i, : p + c] = torch.tensor([*r.prompt_ids, *r.completion_ids], dtype=torch.long)
         attention_mask[i, : p + c] = 1
         loss_mask[i, p : p + c] = 1.0
-        old_logprobs[i, p : p + c] = torch.tensor(completion.logprobs, dtype=torch.float32)
+        old_logprobs[i, p : p + c] = torch.tensor(r.completion.logprobs, dtype=torch.float32)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "loss_mask": loss_mask,
         "old_logprobs": old_logprobs,
-        "advantages": torch.tensor(list(advantages), dtype=torch.float32),
+        "advantages": torch.tensor([r.advantage for r in rollouts], dtype=torch.float32),
     }
 
 

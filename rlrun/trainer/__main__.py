@@ -31,14 +31,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from rlrun.trainer.train import Ranks, barrier, init_distributed, run
+    from rlrun.trainer.dist import Ranks, barrier, init_distributed
+    from rlrun.trainer.loop import Trainer
 
     torch.set_num_threads(cfg.trainer.num_threads)
     ranks = Ranks()
     code = 0
     try:
         ranks = init_distributed(cfg.trainer.device)
-        run(cfg, run_dir, stop, ranks)
+        Trainer(cfg, run_dir, stop, ranks).run()
         barrier(ranks)
     except StopRequested as stopped:
         log.info(f"{stopped}; trainer exiting cleanly")

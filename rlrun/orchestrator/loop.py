@@ -1,0 +1,161 @@
+"""The orchestrator loop: prompts -> completions -> rewards -> advantages -> a batch per step.
+
+Per step, in `Orchestrator.step`: wait until the trainer is at most
+`orchestrator.max_async_steps` behind and have inference load the newest weights; sample
+prompts and ask for `group_size` completions each (`Rollout`s); score them in the env
+workers; compute GRPO advantages and write `rollouts/step_<n>/`; every
+`orchestrator.eval_interval` steps (and at the last) evaluate the policy on held-out prompts
+(`eval.py`); every `orchestrator.log_extras.interval` steps log sample rows and
+distributions (`extras.py`). One `log_metrics` call per step carries the step's metrics,
+`eval/*` included.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rlrun.job import StopFlag
+from rlrun.rundir import latest_step, prune, resume_step, step_dir, wait_for
+
+if TYPE_CHECKING:
+    from rlrun.orchestrator.rollout import Rollout
+
+
+class Orchestrator:
+    """The task, the inference client, the env workers and the tracker; `run()` to `max_steps`."""
+
+    def __init__(self, cfg: Any, run_dir: Path, stop: StopFlag) -> None:
+        from rlrun.envs import load_environment
+        from rlrun.envs.workers import EnvWorkerPool
+        from rlrun.inference.client import InferenceClient
+        from rlrun.log import get_logger
+        from rlrun.model import load_tokenizer, resolve_model_path
+        from rlrun.orchestrator.eval import Evaluator
+        from rlrun.tracking import Tracker
+        from rlrun.tracking.record import read_metrics
+
+        self.cfg, self.ocfg, self.run_dir, self.stop = cfg, cfg.orchestrator, run_dir, stop
+        self.xcfg = self.ocfg.log_extras  # this job's log_extras (the top-level group unless overridden)
+        self.log = get_logger()
+        self.tokenizer = load_tokenizer(resolve_model_path(cfg.model, run_dir, cfg.seed), cfg.model.trust_remote_code)
+        self.env = load_environment(cfg.task)
+        self.evaluator = None  # the held-out prompts, tokenized once
+        if self.ocfg.eval_interval > 0:
+            self.evaluator = Evaluator(self.env, self.tokenizer, cfg.task.num_eval_prompts, self.ocfg.max_tokens,
+                                       self.ocfg.num_val_samples_to_print)  # fmt: skip
+        url = f"http://{cfg.inference.host}:{cfg.inference.port}"
+        self.client = InferenceClient(url, timeout=self.ocfg.request_timeout_s)
+        self.client.wait_healthy(cfg.inference.startup_timeout_s, check=stop.check)  # inference may still be loading
+        self.start = resume_step(run_dir) + 1
+        self.tracker = Tracker(cfg.logger, job="orchestrator", output_dir=run_dir, run_name=cfg.name,
+                               max_table_rows=self.xcfg.max_rows)  # fmt: skip
+        self.pool = EnvWorkerPool(cfg.task, cfg.env_workers, run_dir / "logs")
+        previous = [r for r in read_metrics(self.tracker.jsonl_file) if r["step"] < self.start]
+        self.num_tokens = previous[-1]["metrics"].get("num_tokens", 0.0) if previous else 0.0  # TRL's is cumulative
+        self.loaded_version = 0  # inference starts from the initial model
+
+    def run(self) -> None:
+        """Generate steps `start..max_steps`; raises StopRequested on a stop signal."""
+        ocfg = self.ocfg
+        try:
+            if self.start == 1:
+                self.tracker.log_hyperparams(self.cfg)
+            self.log.info(f"orchestrator: steps {self.start}..{self.cfg.max_steps}, "
+                          f"{ocfg.batch_size} prompts x {ocfg.group_size} completions")  # fmt: skip
+            for step in range(self.start, self.cfg.max_steps + 1):
+                self.step(step)
+        finally:
+            self.pool.close()
+            self.tracker.finish()
+            self.client.close()
+
+    def step(self, step: int) -> None:
+        """One step: fresh weights, rollouts, rewards, advantages, the batch, then eval and metrics."""
+        from rlrun.batch import write_batch
+        from rlrun.model import encode_prompt
+        from rlrun.orchestrator.eval import is_eval_step
+        from rlrun.orchestrator.extras import is_logging_step, log_rollout_extras
+        from rlrun.orchestrator.rollout import Rollout, build_batch, completion_metrics, group_advantages, reward_metrics
+
+        cfg, ocfg, tracker = self.cfg, self.ocfg, self.tracker
+        step_start = time.perf_counter()
+        with tracker.timer("wait_for_weights"):
+            version = self._wait_for_weights(step)
+        if version > self.loaded_version:
+            with tracker.timer("update_weights"):
+                self.client.update_weights(step_dir(self.run_dir / "weights", version))
+            self.loaded_version = version
+
+        rng = random.Random(cfg.seed * 1_000_003 + step)  # a resumed step samples the same prompts
+        examples = self.env.sample(rng, ocfg.batch_size)
+        prompt_ids = [encode_prompt(self.tokenizer, ex.prompt) for ex in examples]
+        with tracker.timer("generate") as generate:
+            groups = self.client.complete(prompt_ids, n=ocfg.group_size, max_tokens=ocfg.max_tokens,
+                                          temperature=ocfg.temperature, seed=rng.randrange(2**31))  # fmt: skip
+        rollouts = [Rollout(ex, ids, c, env=self.env.name) for ex, ids, group in zip(examples, prompt_ids, groups)
+                    for c in group]  # fmt: skip
+        with tracker.timer("score"):
+            self._score(rollouts)
+        for rollout, advantage in zip(rollouts, group_advantages([r.reward for r in rollouts], ocfg.group_size)):
+            rollout.advantage = advantage
+        with tracker.timer("write_batch"):
+            meta = {"policy_version": self.loaded_version, "temperature": ocfg.temperature}
+            write_batch(self.run_dir, step, build_batch(rollouts, int(self.tokenizer.pad_token_id)), meta)
+            # The trainer may still read steps down to step - max_async_steps.
+            prune(self.run_dir / "rollouts", max(ocfg.keep_last, ocfg.max_async_steps + 2))
+        self.stop.check()
+
+        # The trainer already has this step's batch; evaluate the policy that generated it.
+        eval_metrics: dict[str, float] = {}
+        if self.evaluator is not None and is_eval_step(step, ocfg.eval_interval, cfg.max_steps):
+            with tracker.timer("eval"):
+                eval_metrics = self.evaluator.evaluate(step, self.client, self.pool, self.log)
+        if (self.xcfg.samples or self.xcfg.distributions) and is_logging_step(step, self.xcfg.interval):
+            log_rollout_extras(tracker, self.xcfg, step, random.Random(f"{cfg.seed}/samples/{step}"), rollouts)
+
+        generated = sum(len(r.completion_ids) for r in rollouts)
+        self.num_tokens += generated + sum(len(r.prompt_ids) for r in rollouts)
+        metrics = {
+            **reward_metrics([r.scores for r in rollouts], ocfg.group_size),
+            **completion_metrics([r.completion for r in rollouts]),
+            "num_tokens": self.num_tokens,
+            "tokens/s": generated / max(generate.seconds, 1e-9),
+            "off_policy_steps": float(step - 1 - self.loaded_version),
+            "time/step": time.perf_counter() - step_start,
+            **eval_metrics,
+        }
+        tracker.log_metrics(metrics, step)
+        self.log.info(
+            f"step {step}/{cfg.max_steps} | reward {metrics['reward']:.3f} | "
+            f"len {metrics['completions/mean_length']:.1f} | policy v{self.loaded_version} | "
+            f"generate {generate.seconds:.2f}s | e.g. {rollouts[0].example.prompt!r} -> {rollouts[0].text!r}"
+        )
+
+    # ------------------------------------------------------------ the step's parts
+
+    def _wait_for_weights(self, step: int) -> int:
+        """The newest weights version, once the off-policy bound allows generating `step`.
+
+        Generating step s needs the policy after s-1-max_async_steps updates; after a resume,
+        never anything older than the checkpoint.
+        """
+        needed = max(step - 1 - self.ocfg.max_async_steps, self.start - 1)
+        weights = self.run_dir / "weights"
+
+        def newest() -> int | None:
+            self.stop.check()
+            version = latest_step(weights) or 0  # 0: the initial model
+            return version if version >= needed else None
+
+        return wait_for(newest, f"weights/step_{needed} from the trainer")
+
+    def _score(self, rollouts: list[Rollout]) -> None:
+        """Each rollout's text and rewards, scored in the env workers."""
+        for r in rollouts:
+            r.text = self.tokenizer.decode(r.completion_ids, skip_special_tokens=True)
+        scores = self.pool.score([r.text for r in rollouts], [r.example for r in rollouts])
+        for r, s in zip(rollouts, scores, strict=True):
+            r.scores = s

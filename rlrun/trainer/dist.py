@@ -1,0 +1,79 @@
+"""The trainer's ranks: joining torchrun's process group and the few collectives the loop needs.
+
+One process without torchrun is world 1 and every helper is then free (no collective).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+
+def init_distributed(device: str) -> Ranks:
+    """Join torchrun's process group (gloo on cpu, nccl on cuda); one process without torchrun."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device("cpu")
+    if device == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if world > 1:
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Ranks(rank, world, local_rank, dev)
+
+
+def any_rank(flag: bool, ranks: Ranks) -> bool:
+    """True on every rank when `flag` is true on any (one small all_reduce)."""
+    if ranks.world == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=ranks.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def sum_ranks(value: float, ranks: Ranks) -> float:
+    """`value` summed over all ranks (one small all_reduce)."""
+    if ranks.world == 1:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=ranks.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item())
+
+
+def barrier(ranks: Ranks) -> None:
+    if ranks.world > 1:
+        dist.barrier()
+
+
+def gather_token_values(values: dict[str, list[torch.Tensor]], ranks: Ranks) -> dict[str, torch.Tensor]:
+    """`forward_backward`'s per-token values of every rank, concatenated (rank order) on rank 0.
+
+    Other ranks get {}. Two collectives (the counts, then the values padded to the largest
+    count), on every rank together: call it on the same steps everywhere.
+    """
+    names = sorted(values)
+    local = torch.stack([torch.cat(values[name]).float() for name in names])  # [K, n]: every rank the same K
+    if ranks.world == 1:
+        return {name: row.cpu() for name, row in zip(names, local)}
+    counts = [torch.zeros(1, dtype=torch.long, device=ranks.device) for _ in range(ranks.world)]
+    dist.all_gather(counts, torch.tensor([local.shape[1]], dtype=torch.long, device=ranks.device))
+    sizes = [int(c.item()) for c in counts]
+    padded = torch.zeros((len(names), max(sizes)), device=ranks.device)
+    padded[:, : local.shape[1]] = local
+    parts = [torch.empty_like(padded) for _ in range(ranks.world)] if ranks.rank == 0 else None
+    dist.gather(padded, parts, dst=0)
+    if ranks.rank != 0:
+        return {}
+    merged = torch.cat([part[:, :size] for part, size in zip(parts, sizes)], dim=1).cpu()
+    return dict(zip(names, merged))
