@@ -18,7 +18,8 @@ from mlflow_server import MlflowServer  # noqa: E402
 
 from rlrun.config import MlflowLoggerConfig  # noqa: E402
 from rlrun.tracking.backends import backend_class  # noqa: E402
-from rlrun.tracking.backends.mlflow import MlflowBackend, ensure_run, sanitize_key  # noqa: E402
+from rlrun.tracking.backends.mlflow import MlflowBackend, sanitize_key  # noqa: E402
+from rlrun.tracking.runs import ensure_run  # noqa: E402
 from rlrun.tracking.base import MetricPoint, TrackerContext  # noqa: E402
 
 LOG_BATCH = "/api/2.0/mlflow/runs/log-batch"
@@ -68,17 +69,17 @@ def test_roundtrip(tracking_uri, tmp_path):
 
     t0 = time.time()
     points = [MetricPoint(s, {"loss": 1.0 / (s + 1), "reward/mean": 0.1 * s, "bad key!": s}, t0 + s) for s in range(20)]
-    backend.log_metrics_batch(points[:10])
+    backend.log_metrics(points[:10])
     for p in points[10:]:
-        backend.log_metrics(p.metrics, p.step, p.time)
-    backend.log_metrics({"nan_metric": float("nan"), "inf_metric": float("inf")}, step=20, time=t0)
+        backend.log_metrics([p])
+    backend.log_metrics([MetricPoint(20, {"nan_metric": float("nan"), "inf_metric": float("inf")}, t0)])
     params = {"trainer.lr": 0.003, "name": "exp", "long": "x" * 7000, "weird/key?": [1, 2]}
     backend.log_hyperparams(params)
     backend.log_hyperparams(params)  # again (resume / retry): harmless
     backend.log_hyperparams({"trainer.lr": 0.1})  # a changed value: warned about and skipped
     rows = [{"prompt": "abc", "completion": "cba", "reward": 1.0}, {"prompt": "de", "completion": "ed", "reward": 0.0}]
     backend.log_samples(rows, step=5)
-    backend.log_distribution("rewards/per_sample", [float(v) for v in range(101)] + [float("nan")], step=5)
+    backend.log_distribution("rewards/per_sample", [float(v) for v in range(101)], step=5)
     backend.finish()
 
     client = MlflowClient(tracking_uri)
@@ -113,14 +114,14 @@ def test_roundtrip(tracking_uri, tmp_path):
     assert table["data"] == [[5, "abc", "cba", 1.0], [5, "de", "ed", 0.0]]
     assert {"path": "samples/trainer_step_000005.json", "type": "table"} in json.loads(run.data.tags["mlflow.loggedArtifacts"])
 
-    # Distribution: summary statistics at that step (NaN left out) plus a histogram artifact.
+    # Distribution: summary statistics at that step plus a histogram artifact.
     expected = {"p5": 5.0, "p50": 50.0, "p95": 95.0, "mean": 50.0, "min": 0.0, "max": 100.0}
     for stat, value in expected.items():
         assert _history(client, run_id, f"trainer/rewards/per_sample/{stat}") == [(5, pytest.approx(value))]
     assert _history(client, run_id, "trainer/rewards/per_sample/std")[0][1] == pytest.approx(29.1547594742265)
     hist = _load_json_artifact(client, run_id, "distributions/trainer/rewards/per_sample_step_000005.json", tmp_path)
     assert len(hist["counts"]) == 30 and len(hist["bin_edges"]) == 31
-    assert sum(hist["counts"]) == 101 and hist["num_nonfinite"] == 1
+    assert sum(hist["counts"]) == hist["num_values"] == 101
     assert (hist["bin_edges"][0], hist["bin_edges"][-1]) == (0.0, 100.0)
 
 
@@ -129,9 +130,9 @@ def test_redelivery_is_harmless(tracking_uri, tmp_path):
     run_id = backend.run_id
     t0 = time.time()
     batch = [MetricPoint(s, {"a": float(s), "b": -float(s)}, t0 + s * 0.001) for s in range(50)]
-    backend.log_metrics_batch(batch)
-    backend.log_metrics_batch(batch)  # the delivery layer resends a batch it was not sure about
-    backend.log_metrics_batch(batch[10:20])
+    backend.log_metrics(batch)
+    backend.log_metrics(batch)  # the delivery layer resends a batch it was not sure about
+    backend.log_metrics(batch[10:20])
     # Calls that fail after part of their work reached MLflow, then are retried whole.
     _fail_once(backend._client, "set_tag")  # log_table's last step, after the upload
     with pytest.raises(RuntimeError, match="injected"):
@@ -173,15 +174,15 @@ def _fail_once(client: MlflowClient, method: str, after_call: bool = False) -> N
 
 def test_ensure_run_shares_one_run(tracking_uri, tmp_path):
     cfg = _cfg(tracking_uri, experiment_name="shared")
-    run_id = ensure_run(cfg, TrackerContext(job="", output_dir=tmp_path))
+    run_id = ensure_run(cfg)
     cfg.run_id = run_id
-    assert ensure_run(cfg, TrackerContext(job="", output_dir=tmp_path)) == run_id
+    assert ensure_run(cfg) == run_id
     # Both jobs log into the run the parent created; their keys stay apart by prefix.
     for job, value in (("trainer", 1.0), ("orchestrator", 2.0)):
         backend = backend_class("mlflow")(cfg, TrackerContext(job=job, output_dir=tmp_path))
         backend.open()
         assert backend.run_identity()["mlflow_run_id"] == run_id
-        backend.log_metrics({"x": value}, step=1, time=time.time())
+        backend.log_metrics([MetricPoint(1, {"x": value}, time.time())])
         backend.log_hyperparams({"seed": 0})
     client = MlflowClient(tracking_uri)
     assert _history(client, run_id, "trainer/x") == [(1, 1.0)]
@@ -211,7 +212,7 @@ def test_default_store_under_outputs(tmp_path, monkeypatch):
 
 def test_end_run_only_when_asked(tracking_uri, tmp_path):
     cfg = _cfg(tracking_uri, experiment_name="standalone")
-    backend = backend_class("mlflow")(cfg, TrackerContext(job="trainer", output_dir=tmp_path, extra={"mlflow_end_run": True}))
+    backend = backend_class("mlflow")(cfg, TrackerContext(job="trainer", output_dir=tmp_path, mlflow_end_run=True))
     backend.open()
     backend.finish()
     assert MlflowClient(tracking_uri).get_run(backend.run_id).info.status == "FINISHED"
@@ -238,10 +239,10 @@ def test_2500_metrics_three_requests_sqlite(tmp_path):
     backend._client.log_batch = spy
     t = time.time()
     points = [MetricPoint(s, {f"m{i}": float(i) for i in range(25)}, t) for s in range(100)]  # 2500 values
-    backend.log_metrics_batch(points)
+    backend.log_metrics(points)
     assert calls == [1000, 1000, 500]
     calls.clear()
-    backend.log_metrics_batch(points[:40])  # what the delivery layer hands over: <= 1000
+    backend.log_metrics(points[:40])  # what the delivery layer hands over: <= 1000
     assert calls == [1000]
     assert len(backend._client.get_metric_history(backend.run_id, "trainer/m7")) == 100
 
@@ -252,7 +253,7 @@ def test_2500_metrics_three_requests_server(server, tmp_path):
     t = time.time()
     points = [MetricPoint(s, {f"m{i}": float(i) for i in range(25)}, t) for s in range(100)]
     before = server.count_requests(LOG_BATCH)
-    backend.log_metrics_batch(points)
+    backend.log_metrics(points)
     deadline = time.monotonic() + 5  # the access log line is written after the response
     while server.count_requests(LOG_BATCH) - before < 3 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -272,7 +273,7 @@ def test_from_a_writer_thread(tmp_path):
         try:
             backend = backend_class("mlflow")(cfg, TrackerContext(job="trainer", output_dir=tmp_path))
             backend.open()
-            backend.log_metrics_batch([MetricPoint(s, {"x": float(s)}, time.time()) for s in range(5)])
+            backend.log_metrics([MetricPoint(s, {"x": float(s)}, time.time()) for s in range(5)])
             backend.finish()
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
@@ -305,13 +306,13 @@ def test_server_killed_and_restarted(server, tmp_path):
     t = time.time()
     first = [MetricPoint(s, {"x": float(s)}, t + s) for s in range(5)]
     second = [MetricPoint(s, {"x": float(s)}, t + s) for s in range(5, 10)]
-    backend.log_metrics_batch(first)
+    backend.log_metrics(first)
     server.kill()
     start = time.monotonic()
     with pytest.raises(Exception):
-        backend.log_metrics_batch(second)
+        backend.log_metrics(second)
     assert time.monotonic() - start < 5, "no long internal HTTP retries"
     server.start()
-    backend.log_metrics_batch(second)  # the delivery layer's retry
-    backend.log_metrics_batch(first[3:])  # and a resend of points already stored
+    backend.log_metrics(second)  # the delivery layer's retry
+    backend.log_metrics(first[3:])  # and a resend of points already stored
     assert _history(MlflowClient(server.uri), backend.run_id, "trainer/x") == [(s, float(s)) for s in range(10)]

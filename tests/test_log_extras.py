@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlrun.tracking.backends.jsonl import read_records
+from rlrun.tracking.record import read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 ORCHESTRATOR_DISTRIBUTIONS = {"distributions/reward", "distributions/advantage", "distributions/completion_length"}

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from rlrun.config import LoggerConfig, MonitorConfig
 from rlrun.tracking import Tracker
-from rlrun.tracking.backends.jsonl import read_records
+from rlrun.tracking.record import read_records
 from rlrun.launcher.monitor import Monitor, start_monitor
 
 FAST = {"collection_interval": 0.05, "flush_interval": 0.2}

@@ -20,11 +20,16 @@ from rlrun.orchestrator.extras import (
     select_samples,
 )
 from rlrun.log import render_table
-from rlrun.orchestrator.rollout import build_batch, completion_metrics, group_advantages, reward_metrics
+from rlrun.orchestrator.rollout import Rollout, build_batch, completion_metrics, group_advantages, reward_metrics
 
 
 def _completion(tokens: list[int], finish: str = "stop") -> Completion:
     return Completion(token_ids=tokens, logprobs=[-0.5 - 0.1 * i for i in range(len(tokens))], finish_reason=finish)
+
+
+def _rollout(prompt_ids: list[int], completion: Completion, prompt: str = "p", text: str = "c",
+             scores: dict[str, float] | None = None, advantage: float = 0.0) -> Rollout:  # fmt: skip
+    return Rollout(Example(prompt, ""), prompt_ids, completion, text=text, scores=scores or {}, advantage=advantage)
 
 
 # ---------------------------------------------------------------- advantages
@@ -51,9 +56,9 @@ def test_group_advantages_reject_a_ragged_batch():
 
 
 def test_build_batch_masks_and_positions():
-    prompts = [[1, 2], [3]]
-    completions = [_completion([5, 6, 7]), _completion([8], "length")]
-    t = build_batch(prompts, completions, [1.5, -0.5], pad_id=0)
+    rollouts = [_rollout([1, 2], _completion([5, 6, 7]), advantage=1.5),
+                _rollout([3], _completion([8], "length"), advantage=-0.5)]  # fmt: skip
+    t = build_batch(rollouts, pad_id=0)
     assert t["input_ids"].tolist() == [[1, 2, 5, 6, 7], [3, 8, 0, 0, 0]]
     assert t["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
     # Only completion tokens are trained on; padding and prompts are masked out.
@@ -136,8 +141,12 @@ def test_select_samples_is_deterministic_with_a_seed():
 
 
 def test_sample_rows_have_every_column():
-    scores = [{"lcs": 0.5, "reward": 0.5}, {"lcs": 1.0, "reward": 1.0}]
-    rows = sample_rows(7, [(1, "best reward")], ["ab=", "cd="], ["ba", "dc"], scores, [0.0, 1.0], [3, 3], [2, 3])
+    rollouts = [
+        _rollout([1, 2, 3], _completion([4, 5]), prompt="ab=", text="ba", scores={"lcs": 0.5, "reward": 0.5}),
+        _rollout([1, 2, 3], _completion([4, 5, 6]), prompt="cd=", text="dc", scores={"lcs": 1.0, "reward": 1.0},
+                 advantage=1.0),
+    ]  # fmt: skip
+    rows = sample_rows(7, [(1, "best reward")], rollouts)
     assert rows == [{
         "step": 7, "selected_as": "best reward", "prompt": "cd=", "completion": "dc", "lcs": 1.0, "reward": 1.0,
         "advantage": 1.0, "prompt_tokens": 3, "completion_tokens": 3,
@@ -157,11 +166,11 @@ class _Recorder:
 
 
 def test_log_rollout_extras_follows_the_job_config():
-    scores = [{"lcs": r, "reward": r} for r in REWARDS]
-    args = (["p"] * 8, ["c"] * 8, scores, [0.1] * 8, [4] * 8, LENGTHS)
+    rollouts = [_rollout([1] * 4, _completion([7] * n), scores={"lcs": r, "reward": r}, advantage=0.1)
+                for r, n in zip(REWARDS, LENGTHS)]  # fmt: skip
     both = _Recorder()
     cfg = SimpleNamespace(samples=True, distributions=True, samples_per_step=3)
-    log_rollout_extras(both, cfg, 4, random.Random(0), *args)
+    log_rollout_extras(both, cfg, 4, random.Random(0), rollouts)
     ((step, rows),) = both.samples
     assert step == 4 and [r["selected_as"] for r in rows] == ["best reward", "worst reward", "shortest"]
     assert both.distributions == {
@@ -171,7 +180,7 @@ def test_log_rollout_extras_follows_the_job_config():
     }
     only_dists = _Recorder()
     log_rollout_extras(only_dists, SimpleNamespace(samples=False, distributions=True, samples_per_step=3), 4,
-                       random.Random(0), *args)  # fmt: skip
+                       random.Random(0), rollouts)  # fmt: skip
     assert only_dists.samples == [] and len(only_dists.distributions) == 3
     assert [is_logging_step(s, 5) for s in (1, 4, 5, 10, 11)] == [False, False, True, True, False]
 

@@ -152,7 +152,7 @@ def test_one_collective_per_call(ranks):
 
 
 def test_tracker_reduces_and_only_rank0_records(ranks):
-    from rlrun.tracking.backends.jsonl import read_records
+    from rlrun.tracking.record import read_records
 
     out_dir, results = ranks
     assert [r["tracker_rank"] for r in results] == [0, 1], "the Tracker takes its rank from the process group"

@@ -14,7 +14,7 @@ import psutil
 import pytest
 import yaml
 
-from rlrun.tracking.backends.jsonl import read_records
+from rlrun.tracking.record import read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "wandb_v1_" + "S3cr3t" * 8

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from rlrun.config import DeliveryConfig, LoggerConfig
 from rlrun.tracking import Tracker, enabled_backends
-from rlrun.tracking.backends.jsonl import read_records
+from rlrun.tracking.record import read_records
 from rlrun.tracking.base import Backend, MetricPoint
 from rlrun.tracking.delivery import BackendWorker, Event
 
@@ -32,7 +32,8 @@ def test_jsonl_record_holds_every_call(tmp_path):
             time.sleep(0.001)
         tracker.log_metrics({"loss": 1.0 / step, "reward": step * 0.5}, step)
     tracker.log_samples([{"prompt": "ab=", "completion": "ba", "reward": 1.0}], step=5)
-    tracker.log_distribution("rewards", [0.0, 0.5, float("nan"), 1.0], step=5)
+    tracker.log_distribution("rewards", [0.0, 0.5, float("nan"), 1.0, float("-inf")], step=5)
+    tracker.log_distribution("nothing_finite", [float("inf"), float("nan")], step=5)  # no backend sees it
     tracker.finish()
 
     records = read_records(tmp_path / "metrics" / "trainer.jsonl")
@@ -112,10 +113,7 @@ class FlakyBackend(Backend):
         if self.down.is_set():
             raise ConnectionError("server unreachable")
 
-    def log_metrics(self, metrics, step, time):  # noqa: A002
-        raise AssertionError("the worker batches: log_metrics_batch only")
-
-    def log_metrics_batch(self, points):
+    def log_metrics(self, points):
         self._check()
         assert sum(len(p.metrics) for p in points) <= self.max_batch_metrics or len(points) == 1
         self.points.extend(points)

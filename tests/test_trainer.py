@@ -18,13 +18,14 @@ from rlrun.batch import write_batch
 from rlrun.config import ModelConfig, RunConfig
 from rlrun.model import build_tiny_model, encode_prompt, load_model, load_weights
 from rlrun.rundir import list_steps, read_json
-from rlrun.tracking.backends.jsonl import read_records
+from rlrun.tracking.record import read_records
 from rlrun.trainer.loss import grpo_loss
-from rlrun.trainer.train import Ranks, forward_backward, gather_token_values, token_logprobs
+from rlrun.trainer.dist import Ranks, gather_token_values
+from rlrun.trainer.step import forward_backward, token_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = [
-    "loss", "grad_norm", "lr", "entropy", "num_loss_tokens", "tokens/s", "policy_lag",
+    "loss", "grad_norm", "lr", "entropy", "num_loss_tokens", "tokens/s",
     "clip_ratio/low_mean", "clip_ratio/low_min", "clip_ratio/high_mean", "clip_ratio/high_max",
     "clip_ratio/region_mean", "time/wait_for_batch", "time/forward_backward", "time/optimizer_step",
     "time/save_weights", "time/step",
@@ -290,7 +291,9 @@ def test_trainer_job_trains_publishes_checkpoints_and_logs(trained, tiny):
         assert set(METRICS) <= set(r["metrics"]), set(METRICS) - set(r["metrics"])
         assert "kl" not in r["metrics"]
         assert r["metrics"]["num_loss_tokens"] == sum(len(c) for _, c in _rows(tiny[2]))
-    assert [r["metrics"]["policy_lag"] for r in records] == [0, 1, 2]
+    assert "off_policy_steps" not in records[0]["metrics"], "the orchestrator logs how old the sampler was"
+    log = (run / "logs" / "trainer" / "rank_0.log").read_text()
+    assert [line.split("sampled by ")[1].split()[0] for line in log.splitlines() if "sampled by" in line] == ["v0"] * 3
     assert records[0]["metrics"]["loss"] == pytest.approx(-sum(  # step 1 is on-policy: ratio 1
         a * len(c) for a, (_, c) in zip(ADVANTAGES, _rows(tiny[2]))) / records[0]["metrics"]["num_loss_tokens"], abs=1e-5)
     assert records[0]["metrics"]["clip_ratio/region_mean"] == 0.0

@@ -1,0 +1,26 @@
+"""Schema of the `trainer` group."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from rlrun.schema import checked
+from rlrun.tracking.config import JobLogExtrasConfig
+
+
+@dataclass
+class TrainerConfig:
+    num_ranks: int = checked(1, gt=0)
+    lr: float = checked(3e-3, gt=0)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    kl_coef: float = checked(0.0, ge=0)
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.28
+    device: str = checked("cpu", one_of=("cpu", "cuda"))  # ranks use gloo on cpu, nccl on cuda
+    checkpoint_interval: int = checked(20, ge=0)  # steps; 0 disables
+    keep_last: int = checked(3, ge=2)  # weights/step_<n> kept on disk
+    num_threads: int = 1  # torch intra-op threads per rank
+    micro_batch_size: Optional[int] = None  # rows per forward/backward pass; None: the rank's whole batch
+    log_extras: JobLogExtrasConfig = field(default_factory=JobLogExtrasConfig)
