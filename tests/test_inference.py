@@ -15,7 +15,8 @@ import requests
 import torch
 from omegaconf import OmegaConf
 
-from rlrun.config import ModelConfig, RunConfig
+from rlrun.config import ModelConfig, schema
+from rlrun.inference.launch import free_port
 from rlrun.inference.client import InferenceClient, InferenceError
 from rlrun.inference.engine import Engine, GenerationRequest, SamplingParams
 from rlrun.inference.server import InferenceServer
@@ -222,36 +223,34 @@ def test_malformed_json_and_unknown_route(server):
 # ---------------------------------------------------------------- the real job
 
 
-def _start_job(tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
+def _start_job(tmp_path: Path) -> tuple[subprocess.Popen, int, Path]:
+    """The job as the parent starts it: a config with the port the parent chose."""
     run = tmp_path / "run"
     build_tiny_model(run / "model", ModelConfig(), seed=0)
     config = run / "config.yaml"
-    OmegaConf.save(OmegaConf.structured(RunConfig(output_dir=str(run), log_level="DEBUG")), config)
-    port_file, out = run / "inference.port", run / "logs" / "inference.stdout"
+    port = free_port()
+    OmegaConf.save(schema("local"), config)
+    out = run / "logs" / "inference.stdout"
     out.parent.mkdir(parents=True)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rlrun.inference", "--config", str(config), "--port-file", str(port_file),
-         "inference.port=0", "inference.max_batch_size=64"],
+        [sys.executable, "-m", "rlrun.inference", "--config", str(config), f"output_dir={run}", "log_level=DEBUG",
+         f"inference.port={port}", "inference.max_batch_size=64"],
         cwd=ROOT, stdout=out.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    return proc, port_file, out
+    )  # fmt: skip
+    return proc, port, out
 
 
 def test_inference_job_serves_updates_weights_and_stops(tmp_path):
-    proc, port_file, out = _start_job(tmp_path)
+    proc, port, out = _start_job(tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while not port_file.exists():
-            assert proc.poll() is None, out.read_text()
-            assert time.monotonic() < deadline, "no port file"
-            time.sleep(0.05)
-        client = InferenceClient(f"http://127.0.0.1:{int(port_file.read_text())}", timeout=60)
-        assert client.wait_healthy(30, proc=proc)["weights_version"] == 0
+        client = InferenceClient(f"http://127.0.0.1:{port}", timeout=60)
+        assert client.wait_healthy(60, proc=proc)["weights_version"] == 0, out.read_text()
 
         model, tokenizer = load_model(tmp_path / "run" / "model")
         prompt_ids = [encode_prompt(tokenizer, "abc="), encode_prompt(tokenizer, "hg=")]
         before = client.complete(prompt_ids, n=4, max_tokens=8, temperature=1.0, seed=1)
         assert [len(per_prompt) for per_prompt in before] == [4, 4]
+        assert f"serving tiny on http://127.0.0.1:{port}" in out.read_text(), "a job started alone says where"
         c = before[0][0]
         torch.testing.assert_close(
             torch.tensor(c.logprobs), teacher_forced_logprobs(model, prompt_ids[0], c.token_ids, 1.0), atol=1e-4, rtol=0

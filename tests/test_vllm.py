@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 from rlrun.config import CONF_DIR, ConfigError, ModelConfig, register, validate
 from rlrun.inference import vllm as vllm_mod
 from rlrun.inference.client import InferenceClient, InferenceError
-from rlrun.inference.vllm import VllmUnavailable, server_args, split_gpus, vllm_commands
+from rlrun.inference.vllm import VllmUnavailable, server_args, split_gpus, vllm_launch
 from rlrun.inference.vllm_worker import WeightUpdateExtension, load_weights_into_runner
 from rlrun.model import build_tiny_model, encode_prompt, load_model, save_weights
 
@@ -126,19 +126,16 @@ def test_job_commands_carry_each_jobs_gpus(hydra_compose, tiny_dir, monkeypatch)
     _fake_vllm_here(monkeypatch, "4,5,6,7")
     cfg = hydra_compose(*OVERRIDES, "trainer.device=cuda", "trainer.num_ranks=2", "inference.port=8123")
     run_dir = tiny_dir.parent  # resolve_model_path finds the tiny model there
-    trainer = ["python", "-m", "rlrun.trainer"]
-    server, trainer_cmd = vllm_commands(cfg, run_dir, trainer)
-    env_prog, *rest = server
-    assert Path(env_prog).name == "env"
-    assert rest[:2] == ["CUDA_VISIBLE_DEVICES=4,5", "VLLM_SERVER_DEV_MODE=1"]
-    assert rest[2:5] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
-    assert rest[5:] == server_args(cfg, tiny_dir, 8123)
-    assert trainer_cmd[1:] == ["CUDA_VISIBLE_DEVICES=6,7", *trainer]
+    launch = vllm_launch(cfg, run_dir)
+    assert launch.env == {"CUDA_VISIBLE_DEVICES": "4,5", "VLLM_SERVER_DEV_MODE": "1"}
+    assert launch.command[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    assert launch.command[3:] == server_args(cfg, tiny_dir, 8123)
+    assert launch.trainer_env == {"CUDA_VISIBLE_DEVICES": "6,7"}
 
-    cpu_trainer = hydra_compose(*OVERRIDES, "inference.port=8123")  # trainer.device=cpu: left as it is
-    assert vllm_commands(cpu_trainer, run_dir, trainer)[1] == trainer
+    cpu_trainer = hydra_compose(*OVERRIDES, "inference.port=8123")  # trainer.device=cpu: its environment is left alone
+    assert vllm_launch(cpu_trainer, run_dir).trainer_env == {}
     with pytest.raises(ValueError, match="inference.port"):  # the parent picks it first
-        vllm_commands(hydra_compose(*OVERRIDES), run_dir, trainer)
+        vllm_launch(hydra_compose(*OVERRIDES), run_dir)
 
 
 # ---------------------------------------------------------------- the GPU split
@@ -500,19 +497,20 @@ def test_vllm_serves_and_updates_weights_on_gpu(tmp_path):
     # Head size 64 (the default tiny model's 16 is below what vLLM's attention kernels take).
     tiny_dir = build_tiny_model(tmp_path / "model", ModelConfig(hidden_size=128, num_heads=2, intermediate_size=256), 0)
 
-    from rlrun.config import RunConfig
-    from rlrun.inference.vllm import free_port, server_env, with_env
+    from rlrun.config import schema
+    from rlrun.inference.launch import free_port
+    from rlrun.inference.vllm import server_env
 
-    cfg = OmegaConf.structured(RunConfig())
+    cfg = schema("vllm")
     cfg.inference.port = free_port()
     cfg.inference.gpu_memory_utilization = 0.3
     cfg.inference.dtype = "bfloat16"
     cfg.inference.extra_args = ["--enforce-eager"]
     OmegaConf.resolve(cfg)
-    cmd = with_env(server_env([os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]]),
-                   [sys.executable, "-m", vllm_mod.SERVER_MODULE, *server_args(cfg, tiny_dir, cfg.inference.port)])
+    cmd = [sys.executable, "-m", vllm_mod.SERVER_MODULE, *server_args(cfg, tiny_dir, cfg.inference.port)]
+    env = {**os.environ, **server_env([os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]])}
     log = tmp_path / "inference.stdout"
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         client = InferenceClient(f"http://127.0.0.1:{cfg.inference.port}", timeout=120)
         try:

@@ -134,6 +134,7 @@ class EnvWorkerPool:
             self._task, env_factory, str(workers_cfg.level), str(workers_cfg.env_level),
             None if self.log_file is None else str(self.log_file), self._counter,
         )
+        self.pids: list[int] = []  # the live workers' process ids
         self._pool = self._start()
 
     def _start(self, timeout_s: float = 120.0) -> ProcessPoolExecutor:
@@ -142,20 +143,18 @@ class EnvWorkerPool:
         pool = ProcessPoolExecutor(
             self.num_workers, mp_context=self._ctx, initializer=_init_worker, initargs=(*self._initargs, started)
         )
+        pids = []
         try:
             for future in [pool.submit(_hello) for _ in range(self.num_workers)]:
-                _pid, records = future.result()
+                pid, records = future.result()
+                pids.append(pid)
                 self._forward(records)
         except (BrokenProcessPool, threading.BrokenBarrierError) as exc:
             pool.shutdown(wait=False, cancel_futures=True)
             where = f"{self.log_file} and stderr" if self.log_file else "stderr"
             raise RuntimeError(f"env workers for {self.env_name!r} failed to start; see {where}") from exc
+        self.pids = pids  # each worker answered one hello (they wait for each other)
         return pool
-
-    @property
-    def pids(self) -> list[int]:
-        """The live workers' process ids."""
-        return list(self._pool._processes or {})
 
     def score(self, completions: list[str], examples: list[Example]) -> list[dict[str, float]]:
         """Score each completion against its example; results in input order."""
