@@ -33,15 +33,9 @@ def machine() -> dict:
 
 def read_metrics(path: Path) -> list[dict]:
     """The `metrics` records of one jsonl file, in step order (the last record of a step wins)."""
-    by_step: dict[int, dict] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("type") == "metrics":
-                by_step[rec["step"]] = rec
+    from rlrun.tracking.record import read_metrics as read_records
+
+    by_step = {rec["step"]: rec for rec in read_records(path)}
     return [by_step[s] for s in sorted(by_step)]
 
 

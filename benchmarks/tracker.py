@@ -143,7 +143,7 @@ def run_tracker(work: Path, steps: int, names: list[str], step_work: float) -> d
     log_cfg.wandb.id = "tracker"
     log_cfg.wandb.dir = str(work / "wandb_root")
     settings = {k: v for k, v in WANDB_SETTINGS.items() if k not in ("console", "silent")}
-    tracker = Tracker(log_cfg, job=JOB, output_dir=work / "run", extra={"wandb_settings": settings})
+    tracker = Tracker(log_cfg, job=JOB, output_dir=work / "run", wandb_settings=settings)
 
     t_loop = time.perf_counter()
     blocked = timed_steps(steps, names, step_work, tracker.log_metrics)
@@ -152,7 +152,7 @@ def run_tracker(work: Path, steps: int, names: list[str], step_work: float) -> d
     durable_s = time.perf_counter() - t_setup
     from_loop_s = time.perf_counter() - t_loop
 
-    from rlrun.tracking.backends.jsonl import read_records
+    from rlrun.tracking.record import read_records
 
     mlflow_run_id = tracker.workers["mlflow"].backend.run_id  # created by the writer thread
     records = [r for r in read_records(tracker.jsonl_file) if r["type"] == "metrics"]

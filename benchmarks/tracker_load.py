@@ -176,7 +176,7 @@ def train_step() -> tuple[float, str]:
 
 
 def check_jsonl(path: Path, ranks: int, metrics: int, steps: int) -> dict:
-    from rlrun.tracking.backends.jsonl import read_records
+    from rlrun.tracking.record import read_records
 
     names = metric_names(metrics)
     reductions = declared(names)

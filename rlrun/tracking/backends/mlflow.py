@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 import pandas as pd  # an mlflow dependency; log_table takes its tables
 from mlflow.entities import Metric, Param
-from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 
 from rlrun.tracking.base import Backend, MetricPoint, TrackerContext
