@@ -36,6 +36,7 @@ def prepare_dir(cfg: DictConfig, run_dir: Path) -> None:
 
 def settle(cfg: DictConfig, run_dir: Path, log: Any) -> DictConfig:
     """Settle everything jobs must agree on, and write `<run>/config.yaml` (secrets redacted)."""
+    from rlrun.config import fill_job_log_extras
     from rlrun.inference.launch import choose_port
     from rlrun.model import resolve_model_path
     from rlrun.tracking.runs import prepare_runs
@@ -47,6 +48,7 @@ def settle(cfg: DictConfig, run_dir: Path, log: Any) -> DictConfig:
         _resume(cfg, run_dir, log)
     prepare_runs(cfg.logger, cfg.name, run_dir, log.info)
     choose_port(cfg)
+    fill_job_log_extras(cfg)  # the record shows what each job logs
     model_path = resolve_model_path(cfg.model, run_dir, cfg.seed)  # builds the tiny model once
     log.info(f"policy: {model_path}")
     resolved = OmegaConf.to_container(cfg, resolve=True)

@@ -18,7 +18,6 @@ def jsonl_path(cfg: Any, ctx: TrackerContext) -> Path:
     return root / f"{ctx.job}.jsonl"
 
 
-
 class JsonlBackend(Backend):
     name = "jsonl"
 
