@@ -21,6 +21,8 @@ from rlrun.tracking.backends import backend_class  # noqa: E402
 from rlrun.tracking.backends.mlflow import MlflowBackend, sanitize_key  # noqa: E402
 from rlrun.tracking.runs import ensure_run  # noqa: E402
 from rlrun.tracking.base import MetricPoint, TrackerContext  # noqa: E402
+from rlrun.tracking.config import DeliveryConfig  # noqa: E402
+from rlrun.tracking.delivery import BackendWorker, Event  # noqa: E402
 
 LOG_BATCH = "/api/2.0/mlflow/runs/log-batch"
 
@@ -225,6 +227,16 @@ def test_wrong_run_id_fails_at_open(tracking_uri, tmp_path):
         backend.open()
 
 
+def _deliver(backend: MlflowBackend, points: list[MetricPoint], tmp_path) -> None:
+    """Through the real delivery layer, which splits what it hands a backend into its batch size."""
+    worker = BackendWorker(backend, OmegaConf.structured(DeliveryConfig), tmp_path / "spill")
+    for point in points:
+        worker.submit(Event("metrics", point))
+    assert worker.flush(timeout=60)
+    worker.request_stop().wait(60)
+    worker.join(60)
+
+
 def test_2500_metrics_three_requests_sqlite(tmp_path):
     """Counted with a spy that calls through to the real client."""
     backend = _backend(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path)
@@ -239,26 +251,29 @@ def test_2500_metrics_three_requests_sqlite(tmp_path):
     backend._client.log_batch = spy
     t = time.time()
     points = [MetricPoint(s, {f"m{i}": float(i) for i in range(25)}, t) for s in range(100)]  # 2500 values
-    backend.log_metrics(points)
-    assert calls == [1000, 1000, 500]
-    calls.clear()
-    backend.log_metrics(points[:40])  # what the delivery layer hands over: <= 1000
-    assert calls == [1000]
+    _deliver(backend, points, tmp_path)
+    assert sum(calls) == 2500 and max(calls) <= 1000, calls
+    assert len(calls) <= 6, f"batched, not one request per step: {calls}"  # 3 when all 100 arrive at once
     assert len(backend._client.get_metric_history(backend.run_id, "trainer/m7")) == 100
+
+    calls.clear()  # one step of 2500 metrics: split into requests of at most 1000
+    _deliver(backend, [MetricPoint(100, {f"big{i}": float(i) for i in range(2500)}, t)], tmp_path)
+    assert calls == [1000, 1000, 500]
 
 
 def test_2500_metrics_three_requests_server(server, tmp_path):
     """Counted as POSTs to log-batch in the real server's access log."""
     backend = _backend(server.uri, tmp_path, experiment_name="requests")
     t = time.time()
-    points = [MetricPoint(s, {f"m{i}": float(i) for i in range(25)}, t) for s in range(100)]
     before = server.count_requests(LOG_BATCH)
-    backend.log_metrics(points)
+    _deliver(backend, [MetricPoint(100, {f"big{i}": float(i) for i in range(2500)}, t)], tmp_path)
     deadline = time.monotonic() + 5  # the access log line is written after the response
     while server.count_requests(LOG_BATCH) - before < 3 and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.2)
     assert server.count_requests(LOG_BATCH) - before == 3
+    points = [MetricPoint(s, {f"m{i}": float(i) for i in range(25)}, t) for s in range(100)]
+    _deliver(backend, points, tmp_path)
     assert len(MlflowClient(server.uri).get_metric_history(backend.run_id, "trainer/m24")) == 100
 
 
