@@ -51,6 +51,7 @@ def app(cfg: DictConfig) -> int:
 
 def main() -> None:
     from rlrun import sweep
+    from rlrun.launcher import EXIT_FAILED
 
     register()
     try:
@@ -62,7 +63,7 @@ def main() -> None:
     problem = sweep.check_launcher_args(sys.argv[1:])
     if problem:
         print(f"rlrun: {problem}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(sweep.EXIT_CONFIG)
     interrupted = False
     try:
         app()
@@ -73,7 +74,7 @@ def main() -> None:
     if interrupted:
         sys.exit(130)
     if sweep.sweep_failed():
-        sys.exit(1)  # a sweep whose jobs did not all finish
+        sys.exit(EXIT_FAILED)  # a sweep whose jobs did not all finish
 
 
 if __name__ == "__main__":

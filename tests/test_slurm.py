@@ -21,7 +21,7 @@ import yaml
 
 from slurm_cluster import scontrol, slurm_cluster, squeue, wait_until  # noqa: F401  (the fixture)
 
-from rlrun.tracking.backends.jsonl import read_records
+from rlrun.tracking.record import read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

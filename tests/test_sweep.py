@@ -1,4 +1,4 @@
-"""Sweeps (`python -m rlrun -m ...`): the pieces of rlrun/sweep.py, experiments, bad input,
+"""Sweeps (`python -m rlrun -m ...`): the pieces of rlrun/sweep/, experiments, bad input,
 and a real two-job sweep through Hydra's basic launcher. Slurm: tests/test_slurm.py."""
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import pytest
 import yaml
 from omegaconf import open_dict, read_write
 
-from rlrun import sweep
+from rlrun.sweep import callback, summary
+from rlrun.sweep import job as sweep_job
+from rlrun.sweep import submitit as sweep_submitit
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "rlrun" / "conf" / "experiment").glob("*.yaml"))
@@ -49,7 +51,7 @@ def _compose(overrides: list[str]):
 
 
 def _summary(sweep_dir: Path) -> list[dict[str, str]]:
-    with open(sweep_dir / sweep.SUMMARY_FILE, newline="") as f:
+    with open(sweep_dir / summary.SUMMARY_FILE, newline="") as f:
         return list(csv.DictReader(f))
 
 
@@ -69,7 +71,7 @@ def test_every_experiment_composes_and_validates(name):
 
 def test_experiment_lr_sweep_plans_six_jobs():
     cfg = _compose(["+experiment=lr_sweep"])
-    jobs = sweep.plan_jobs(cfg)
+    jobs = callback.plan_jobs(cfg)
     assert len(jobs) == 6
     assert {tuple(sorted(j)) for j in jobs} == {
         ("+experiment=lr_sweep", f"seed={s}", f"trainer.lr={lr}") for lr in ("0.001", "0.003", "0.01") for s in (0, 1)
@@ -93,20 +95,20 @@ def test_plan_jobs_matches_hydras_basic_sweeper():
     cfg = _compose([])
     with read_write(cfg), open_dict(cfg):
         cfg.hydra.overrides.task = ["seed=1,2", "trainer.lr=1e-3,3e-3", "max_steps=2"]
-    jobs = sweep.plan_jobs(cfg)
+    jobs = callback.plan_jobs(cfg)
     assert jobs == [
         ["seed=1", "trainer.lr=0.001", "max_steps=2"], ["seed=1", "trainer.lr=0.003", "max_steps=2"],
         ["seed=2", "trainer.lr=0.001", "max_steps=2"], ["seed=2", "trainer.lr=0.003", "max_steps=2"],
     ]  # fmt: skip
-    assert sweep._varying(jobs)[1] == ["seed=1", "trainer.lr=0.003"]
+    assert summary._varying(jobs)[1] == ["seed=1", "trainer.lr=0.003"]
 
 
 # ---------------------------------------------------------------- pieces
 
 
 def test_sweep_id():
-    assert sweep.sweep_id("/x/outputs/multirun/2026-11-23/14-05-09") == "2026-11-23_14-05-09"
-    assert sweep.sweep_id("/tmp/my_sweep") == "my_sweep"
+    assert summary.sweep_id("/x/outputs/multirun/2026-11-23/14-05-09") == "2026-11-23_14-05-09"
+    assert summary.sweep_id("/tmp/my_sweep") == "my_sweep"
 
 
 def test_prepare_job_groups_names_and_tags_the_tracker_runs(tmp_path):
@@ -120,7 +122,7 @@ def test_prepare_job_groups_names_and_tags_the_tracker_runs(tmp_path):
         "sweep": {"id": "2026-11-23_14-05-09", "dir": str(tmp_path),
                   "mlflow": {"tracking_uri": "sqlite:///elsewhere.db", "parent_run_id": "p1"}},
     }  # fmt: skip
-    out = sweep.prepare_job(cfg, tmp_path / "3", info)
+    out = sweep_job.prepare_job(cfg, tmp_path / "3", info)
     assert out.logger.wandb.group == "2026-11-23_14-05-09"
     assert out.logger.wandb.name == "exp-3" and out.logger.mlflow.run_name == "exp-3"
     assert {"sweep:2026-11-23_14-05-09", "trainer.lr=1e-3", "seed=2"} <= set(out.logger.wandb.tags)
@@ -133,14 +135,14 @@ def test_prepare_job_groups_names_and_tags_the_tracker_runs(tmp_path):
     with read_write(cfg), open_dict(cfg):
         cfg.logger.wandb.group = "mine"
         cfg.logger.mlflow.tracking_uri = "sqlite:///elsewhere.db"
-    out = sweep.prepare_job(cfg, tmp_path / "3", info)
+    out = sweep_job.prepare_job(cfg, tmp_path / "3", info)
     assert out.logger.wandb.group == "mine", "a group the user set wins"
     assert out.logger.mlflow.tags["mlflow.parentRunId"] == "p1"
 
     with read_write(cfg), open_dict(cfg):
         cfg.output_dir = "/shared/by/every/job"
     with pytest.raises(ValueError, match="output_dir"):
-        sweep.prepare_job(cfg, tmp_path / "3", info)
+        sweep_job.prepare_job(cfg, tmp_path / "3", info)
 
 
 def test_a_requeued_slurm_job_resumes_its_own_run_dir(tmp_path, monkeypatch):
@@ -150,14 +152,15 @@ def test_a_requeued_slurm_job_resumes_its_own_run_dir(tmp_path, monkeypatch):
     run_dir = tmp_path / "0"
     info = {"job": 0, "overrides": [], "override_dirname": "", "sweep": {"id": "s", "dir": str(tmp_path)}}
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
-    assert sweep.prepare_job(cfg, run_dir, info).resume_from is None
+    assert sweep_job.prepare_job(cfg, run_dir, info).resume_from is None
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    assert sweep.prepare_job(cfg, run_dir, info).resume_from is None, "requeued before it wrote anything: fresh start"
+    resumed = sweep_job.prepare_job(cfg, run_dir, info).resume_from
+    assert resumed is None, "requeued before it wrote anything: fresh start"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text("{}")
-    assert sweep.prepare_job(cfg, run_dir, info).resume_from == str(run_dir)
+    assert sweep_job.prepare_job(cfg, run_dir, info).resume_from == str(run_dir)
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
-    assert sweep.prepare_job(cfg, run_dir, info).resume_from is None
+    assert sweep_job.prepare_job(cfg, run_dir, info).resume_from is None
 
 
 def test_gpus_of_the_allocation_must_fit_the_run(monkeypatch):
@@ -165,12 +168,12 @@ def test_gpus_of_the_allocation_must_fit_the_run(monkeypatch):
     with read_write(cfg), open_dict(cfg):
         del cfg["hydra"]
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    assert sweep.check_allocation(cfg) is None, "outside Slurm nothing to check"
+    assert sweep_job.check_allocation(cfg) is None, "outside Slurm nothing to check"
     monkeypatch.setenv("SLURM_JOB_ID", "7")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
-    assert "hydra.launcher.gpus_per_node=2" in sweep.check_allocation(cfg)
+    assert "hydra.launcher.gpus_per_node=2" in sweep_job.check_allocation(cfg)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    assert sweep.check_allocation(cfg) is None
+    assert sweep_job.check_allocation(cfg) is None
 
 
 def test_scontrol_states_without_accounting():
@@ -180,7 +183,7 @@ def test_scontrol_states_without_accounting():
         "JobId=11 ArrayJobId=11 ArrayTaskId=2-3%2 JobName=rl JobState=PENDING Reason=JobArrayTaskLimit\n"
         "JobId=20 JobName=rl JobState=CANCELLED Reason=None\n"
     )
-    states = sweep.parse_scontrol(text)
+    states = sweep_submitit.parse_scontrol(text)
     assert {k: v["State"] for k, v in states.items()} == {
         "11_1": "RUNNING", "11_0": "TIMEOUT", "11_2": "PENDING", "11_3": "PENDING", "20": "CANCELLED",
     }  # fmt: skip
@@ -201,21 +204,21 @@ def test_summary_tells_done_from_failed_and_killed(tmp_path, capsys):
     sweep_dir = tmp_path / "sweep"
     jobs = [[f"seed={i}", "max_steps=5"] for i in range(5)]
     (sweep_dir).mkdir()
-    (sweep_dir / sweep.SWEEP_FILE).write_text(json.dumps({"id": "s", "dir": str(sweep_dir),
+    (sweep_dir / summary.SWEEP_FILE).write_text(json.dumps({"id": "s", "dir": str(sweep_dir),
                                                           "jobs": [{"job": i, "overrides": o} for i, o in enumerate(jobs)]}))  # fmt: skip
     _fake_job(sweep_dir, 0, jobs[0], {"status": "done", "exit_code": 0, "reward": 0.5, "steps": 5, "max_steps": 5})
     _fake_job(sweep_dir, 1, jobs[1], {"status": "failed", "exit_code": 1, "message": "exit code 1: boom"})
     _fake_job(sweep_dir, 2, jobs[2], {"status": "running"})  # killed by its time limit: no end status
     _fake_job(sweep_dir, 3, jobs[3], {"status": "stopped", "exit_code": 143, "message": "stopped by SIGTERM"})
-    (sweep_dir / sweep.JOBS_FILE).write_text(json.dumps({"jobs": [
+    (sweep_dir / summary.JOBS_FILE).write_text(json.dumps({"jobs": [
         {"job": 0, "overrides": jobs[0], "slurm_job_id": "9_0", "state": "COMPLETED", "error": None},
-        {"job": 1, "overrides": jobs[1], "slurm_job_id": "9_1", "state": "FAILED", "error": "JobFailed: x"},
+        {"job": 1, "overrides": jobs[1], "slurm_job_id": "9_1", "state": "FAILED", "error": "RunFailed: x"},
         {"job": 2, "overrides": jobs[2], "slurm_job_id": "9_2", "state": "TIMEOUT", "error": "UncompletedJobError"},
         {"job": 3, "overrides": jobs[3], "slurm_job_id": "9_3", "state": "CANCELLED", "error": None},
         {"job": 4, "overrides": jobs[4], "slurm_job_id": "9_4", "state": "NODE_FAIL", "error": None},
     ]}))  # fmt: skip
 
-    rows = sweep.summarize(sweep_dir)
+    rows = summary.summarize(sweep_dir)
     assert [r["status"] for r in rows] == ["done", "failed", "failed", "failed", "failed"]
     assert [r["overrides"] for r in rows] == [f"seed={i}" for i in range(5)], "only what varies"
     assert rows[1]["message"] == "exit code 1: boom"
@@ -307,7 +310,7 @@ def test_basic_sweep_two_real_jobs_one_fails(tmp_path):
     assert "timed out" in rows[1]["message"] and "inference" in rows[1]["message"]
     assert "1/2 jobs done" in out.stdout
 
-    info = json.loads((sweep_dir / sweep.SWEEP_FILE).read_text())
+    info = json.loads((sweep_dir / summary.SWEEP_FILE).read_text())
     for num in (0, 1):
         run_dir = sweep_dir / str(num)
         config = yaml.safe_load((run_dir / "config.yaml").read_text())

@@ -1,7 +1,7 @@
 """rlrun's submitit launchers: `hydra/launcher=submitit_slurm` and `submitit_local`.
 
 Hydra loads launcher classes only from the `hydra_plugins` namespace, so they live here;
-the work is in `rlrun.sweep`. They are hydra-submitit-launcher's launchers, except that
+the work is in `rlrun.sweep.submitit`. They are hydra-submitit-launcher's launchers, except that
 
 - a job whose rlrun run failed exits non-zero in Slurm (FAILED, not COMPLETED), and a job
   that failed, timed out or was killed is reported by the sweep summary instead of
@@ -38,13 +38,13 @@ if HAVE_SUBMITIT:
 
     class _RlrunSubmitit:
         def __call__(self, *args: Any, **kwargs: Any) -> Any:  # in the job
-            from rlrun.sweep import finish_submitit_job
+            from rlrun.sweep.submitit import finish_submitit_job
 
             quiet_schema_notice()
             return finish_submitit_job(super().__call__(*args, **kwargs))  # type: ignore[misc]
 
         def launch(self, job_overrides: Any, initial_job_idx: int) -> Any:  # in the submitting process
-            from rlrun.sweep import launch_submitit
+            from rlrun.sweep.submitit import launch_submitit
 
             return launch_submitit(self, job_overrides, initial_job_idx)
 
@@ -61,7 +61,7 @@ else:
         name = "submitit"
 
         def __init__(self, **_params: Any) -> None:
-            from rlrun.sweep import SweepError, missing_extra_message
+            from rlrun.sweep.cli import SweepError, missing_extra_message
 
             raise SweepError(missing_extra_message(self.name))
 

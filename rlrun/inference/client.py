@@ -83,7 +83,8 @@ class InferenceClient:
             except (requests.ConnectionError, requests.Timeout, InferenceError):
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"inference server at {self.base_url} not healthy after {timeout_s:.0f}s")
+                raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for the inference server at {self.base_url} "
+                                   "to answer /health")
             time.sleep(0.1)
 
     @property
