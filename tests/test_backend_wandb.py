@@ -8,14 +8,12 @@ wandb 0.31 has no Python reader for `.wandb` transaction logs any more (the old
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import wandb_records
 from omegaconf import DictConfig, OmegaConf
 
 from rlrun.config import WandbLoggerConfig
@@ -45,12 +43,7 @@ def _run_dir(tmp_path: Path, run_id: str) -> Path:
 
 
 def _records(run_dir: Path, run_id: str) -> list[dict]:
-    env = {**os.environ, "WANDB_MODE": "offline"}  # the reader sends no telemetry
-    out = subprocess.run(
-        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir / f"run-{run_id}.wandb")],
-        capture_output=True, text=True, env=env, timeout=60, check=True,
-    )  # fmt: skip
-    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+    return wandb_records(run_dir / f"run-{run_id}.wandb")
 
 
 def _history(records: list[dict]) -> dict[int, dict]:

@@ -8,22 +8,12 @@ import subprocess
 import sys
 
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import ROOT
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from rlrun.config import CONF_DIR, ConfigError, register, validate
+from rlrun.config import ConfigError, validate
 from rlrun.tracking import enabled_backends
-
-ROOT = CONF_DIR.parents[1]
-
-
-@pytest.fixture(scope="module")
-def hydra_compose():
-    """`compose(overrides)` on the real config tree, as `python -m rlrun` composes it."""
-    register()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        yield lambda *overrides: compose("config", overrides=list(overrides))
 
 
 def _messages(exc: BaseException) -> str:
@@ -118,6 +108,7 @@ def test_validate_names_model_path(hydra_compose, tmp_path):
 
 
 # ---------------------------------------------------------------- (d) the command line
+# `python -m rlrun` as a subprocess: `slow`, like every test that starts the app.
 
 
 def _rlrun(*args: str, cwd, python_flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -128,6 +119,7 @@ def _rlrun(*args: str, cwd, python_flags: tuple[str, ...] = ()) -> subprocess.Co
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_cfg_job_prints_the_composed_config(tmp_path):
     out = _rlrun("--cfg", "job", "logger=wandb+mlflow", "trainer.lr=0.01", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -138,6 +130,7 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
     assert not (tmp_path / "outputs").exists(), "printing the config starts no run"
 
 
+@pytest.mark.slow
 def test_help_lists_the_groups(tmp_path):
     out = _rlrun("--help", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -147,6 +140,7 @@ def test_help_lists_the_groups(tmp_path):
     assert "python -m rlrun logger=wandb+mlflow" in out.stdout, "the app's own help header"
 
 
+@pytest.mark.slow
 def test_cfg_job_imports_no_heavy_library(tmp_path):
     out = _rlrun("--cfg", "job", "logger=all", cwd=tmp_path, python_flags=("-X", "importtime"))
     assert out.returncode == 0, out.stderr

@@ -12,8 +12,9 @@ import random
 import signal
 import sys
 import threading
-import time
+from pathlib import Path
 
+import psutil
 import pytest
 
 from rlrun.config import EnvWorkersConfig, TaskConfig
@@ -22,6 +23,7 @@ from rlrun.envs.base import Environment, Example
 from rlrun.envs.reverse_text import ReverseText, lcs_ratio
 from rlrun.envs.workers import EnvWorkerPool
 from rlrun.log import setup_logger
+from rlrun.rundir import wait_for
 
 HERE = __name__  # this module's import name, for env_factory ("module:Class")
 
@@ -55,12 +57,27 @@ class ProbeEnv(ReverseText):
         }
 
 
-class SlowReverse(ReverseText):
-    """ReverseText whose reward takes 50 ms, so a batch is still in flight when a worker is killed."""
+GATE = "RLRUN_TEST_GATE"  # a folder: where GatedReverse workers say they are scoring, and wait to go on
+
+
+class GatedReverse(ReverseText):
+    """ReverseText whose worker, once it has a chunk, says so (`$RLRUN_TEST_GATE/scoring_<pid>`)
+    and scores nothing until the test creates `$RLRUN_TEST_GATE/go`: a batch in flight for
+    as long as the test needs."""
 
     def lcs(self, completion, example):
-        time.sleep(0.05)
+        gate = Path(os.environ[GATE])
+        (gate / f"scoring_{os.getpid()}").touch()
+        wait_for((gate / "go").exists, "the test to let the worker go on", timeout_s=60)
         return super().lcs(completion, example)
+
+
+def _dead(pid: int) -> bool:
+    """The process has exited (a zombie not yet reaped by the pool counts)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 @pytest.fixture
@@ -169,24 +186,31 @@ def test_pool_recovers_from_worker_killed_between_batches(tmp_path, examples):
         assert pool.score([ex.answer[:3] for ex in examples], examples) == expected
         victim = pool.pids[0]
         os.kill(victim, signal.SIGKILL)
-        time.sleep(0.2)
+        wait_for(lambda: _dead(victim), "the killed worker to die", timeout_s=30)
         assert pool.score([ex.answer[:3] for ex in examples], examples) == expected
         assert pool.restarts == 1 and victim not in pool.pids and len(pool.pids) == 2
     assert "died" in (tmp_path / "orchestrator.log").read_text()
 
 
-def test_pool_rescores_a_batch_in_flight_when_a_worker_dies(tmp_path, examples):
+def test_pool_rescores_a_batch_in_flight_when_a_worker_dies(tmp_path, examples, monkeypatch):
     setup_logger("INFO", tmp_path / "orchestrator.log", job="orchestrator")
-    examples = examples[:24]  # 12 per worker x 50 ms: ~0.6 s in flight
+    examples = examples[:24]  # 12 per worker
     env = ReverseText(TaskConfig())
     completions = [ex.answer[::2] for ex in examples]
-    with EnvWorkerPool(TaskConfig(), EnvWorkersConfig(num_workers=2), None, env_factory=f"{HERE}:SlowReverse") as pool:
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    monkeypatch.setenv(GATE, str(gate))  # the spawned workers inherit it
+    with EnvWorkerPool(TaskConfig(), EnvWorkersConfig(num_workers=2), None, env_factory=f"{HERE}:GatedReverse") as pool:
         result: list = []
         thread = threading.Thread(target=lambda: result.append(pool.score(completions, examples)))
         thread.start()
-        time.sleep(0.25)
-        os.kill(pool.pids[1], signal.SIGKILL)
-        thread.join(timeout=30)
+        try:
+            victim = wait_for(lambda: next((pid for pid in pool.pids if (gate / f"scoring_{pid}").exists()), None),
+                              "a worker to start scoring its chunk", timeout_s=60)  # fmt: skip
+            os.kill(victim, signal.SIGKILL)  # in the middle of its chunk
+        finally:
+            (gate / "go").touch()
+        thread.join(timeout=60)
         assert result and result[0] == [env.score(c, e) for c, e in zip(completions, examples)]
         assert pool.restarts == 1
     log = (tmp_path / "orchestrator.log").read_text()
@@ -195,8 +219,9 @@ def test_pool_rescores_a_batch_in_flight_when_a_worker_dies(tmp_path, examples):
 
 def test_pool_gives_up_when_workers_keep_dying(examples):
     with EnvWorkerPool(TaskConfig(), EnvWorkersConfig(num_workers=1), None, max_retries=0) as pool:
-        os.kill(pool.pids[0], signal.SIGKILL)
-        time.sleep(0.2)
+        victim = pool.pids[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: _dead(victim), "the killed worker to die", timeout_s=30)
         with pytest.raises(RuntimeError, match="kept dying"):
             pool.score(["x"], examples[:1])
 

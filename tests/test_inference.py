@@ -3,38 +3,33 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import requests
 import torch
+from conftest import ROOT
 from omegaconf import OmegaConf
 
-from rlrun.config import ModelConfig, schema
+from rlrun.config import schema
 from rlrun.inference.launch import free_port
 from rlrun.inference.client import InferenceClient, InferenceError
 from rlrun.inference.engine import Engine, GenerationRequest, SamplingParams
 from rlrun.inference.server import InferenceServer
 from rlrun.log import setup_logger
-from rlrun.model import build_tiny_model, encode_prompt, load_model, save_weights
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("run") / "model", ModelConfig(), seed=0)
+from rlrun.model import encode_prompt, load_model, save_weights
+from rlrun.rundir import wait_for
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_dir):
+def engine(tiny_model):
     torch.manual_seed(0)
-    model, tokenizer = load_model(tiny_dir)
+    model, tokenizer = load_model(tiny_model)
     return Engine(model, tokenizer, max_batch_size=5)  # small: 3 prompts x n=3 needs two chunks
 
 
@@ -149,10 +144,7 @@ def test_concurrent_requests_share_one_batch(server, engine, prompts):
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 10
-        while client.health()["in_flight"] < 2:
-            assert time.monotonic() < deadline, "requests never reached the server"
-            time.sleep(0.01)
+        wait_for(lambda: client.health()["in_flight"] >= 2, "both requests to reach the server", timeout_s=30)
     for t in threads:
         t.join(timeout=30)
     health = client.health()
@@ -223,10 +215,10 @@ def test_malformed_json_and_unknown_route(server):
 # ---------------------------------------------------------------- the real job
 
 
-def _start_job(tmp_path: Path) -> tuple[subprocess.Popen, int, Path]:
+def _start_job(tmp_path: Path, tiny_model: Path) -> tuple[subprocess.Popen, int, Path]:
     """The job as the parent starts it: a config with the port the parent chose."""
     run = tmp_path / "run"
-    build_tiny_model(run / "model", ModelConfig(), seed=0)
+    shutil.copytree(tiny_model, run / "model")
     config = run / "config.yaml"
     port = free_port()
     OmegaConf.save(schema("local"), config)
@@ -240,8 +232,8 @@ def _start_job(tmp_path: Path) -> tuple[subprocess.Popen, int, Path]:
     return proc, port, out
 
 
-def test_inference_job_serves_updates_weights_and_stops(tmp_path):
-    proc, port, out = _start_job(tmp_path)
+def test_inference_job_serves_updates_weights_and_stops(tmp_path, tiny_model):
+    proc, port, out = _start_job(tmp_path, tiny_model)
     try:
         client = InferenceClient(f"http://127.0.0.1:{port}", timeout=60)
         assert client.wait_healthy(60, proc=proc)["weights_version"] == 0, out.read_text()

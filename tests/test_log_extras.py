@@ -10,18 +10,12 @@ distributions at 3 and 6), and `orchestrator.eval_interval=3` (eval at 3 and 6).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import app_env, records, run_app, wandb_records
 
-from rlrun.tracking.record import read_records
-
-ROOT = Path(__file__).resolve().parents[1]
 ORCHESTRATOR_DISTRIBUTIONS = {"distributions/reward", "distributions/advantage", "distributions/completion_length"}
 TRAINER_DISTRIBUTIONS = {"distributions/entropy", "distributions/importance_ratio", "distributions/per_token_loss"}
 SAMPLE_COLUMNS = ["step", "selected_as", "prompt", "completion", "lcs", "reward", "advantage", "prompt_tokens",
@@ -30,40 +24,37 @@ ROWS_PER_STEP = 8  # log_extras.samples_per_step
 ROLLOUTS = 16 * 8  # orchestrator.batch_size x group_size
 
 
+# The tests that read the run are `slow`: its fixture runs the whole app, within the timeout of
+# whichever test comes first (300 s for the run, then up to 60 s for each W&B run read back).
+RUN_TIMEOUT_S = 480
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("log_extras")
     run_dir = tmp / "run"
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    env = {**os.environ, "WANDB_DATA_DIR": str(tmp / "wandb_data"), "WANDB_CACHE_DIR": str(tmp / "wandb_cache"),
-           "MLFLOW_DISABLE_TELEMETRY": "true"}  # fmt: skip
-    env.pop("WANDB_API_KEY", None)
-    start = time.monotonic()
-    out = subprocess.run(
-        [sys.executable, "-m", "rlrun", f"hydra.run.dir={run_dir}", "max_steps=6", "log_extras=all",
-         "log_extras.interval=2", "trainer.log_extras.interval=3", "orchestrator.eval_interval=3", "logger=all",
-         "logger.wandb.offline=true", f"logger.mlflow.tracking_uri={uri}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
+    out = run_app(
+        run_dir, "max_steps=6", "log_extras=all", "log_extras.interval=2", "trainer.log_extras.interval=3",
+        "orchestrator.eval_interval=3", "logger=all", "logger.wandb.offline=true", f"logger.mlflow.tracking_uri={uri}",
+        env=app_env(tmp, MLFLOW_DISABLE_TELEMETRY="true"), timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    print(f"log_extras run: {time.monotonic() - start:.1f}s")
     return run_dir, uri
-
-
-def _records(run_dir: Path, job: str, kind: str) -> list[dict]:
-    return [r for r in read_records(run_dir / "metrics" / f"{job}.jsonl") if r["type"] == kind]
 
 
 # ---------------------------------------------------------------- the jsonl record and the log
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(RUN_TIMEOUT_S)
 def test_jsonl_samples_and_distributions(run):
     run_dir, _ = run
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["orchestrator"]["log_extras"]["interval"] == 2, "follows the top-level group"
     assert config["trainer"]["log_extras"]["interval"] == 3, "the per-job override"
 
-    samples = _records(run_dir, "orchestrator", "samples")
+    samples = records(run_dir, "orchestrator", "samples")
     assert [r["step"] for r in samples] == [2, 4, 6]
     for record in samples:
         rows = record["rows"]
@@ -77,22 +68,22 @@ def test_jsonl_samples_and_distributions(run):
         assert kinds[:2] == ["best reward", "worst reward"] and "random" in kinds
         assert rows[0]["reward"] == max(r["reward"] for r in rows)
         assert rows[1]["reward"] == min(r["reward"] for r in rows)
-    assert not _records(run_dir, "trainer", "samples"), "the trainer logs distributions only"
+    assert not records(run_dir, "trainer", "samples"), "the trainer logs distributions only"
 
-    dists = _records(run_dir, "orchestrator", "distribution")
+    dists = records(run_dir, "orchestrator", "distribution")
     assert {(r["step"], r["name"]) for r in dists} == {(s, n) for s in (2, 4, 6) for n in ORCHESTRATOR_DISTRIBUTIONS}
     for r in dists:
         assert len(r["values"]) == ROLLOUTS, r["name"]
-    metrics = {r["step"]: r["metrics"] for r in _records(run_dir, "orchestrator", "metrics")}
+    metrics = {r["step"]: r["metrics"] for r in records(run_dir, "orchestrator", "metrics")}
     for r in dists:
         if r["name"] == "distributions/reward":
             assert sum(r["values"]) / ROLLOUTS == pytest.approx(metrics[r["step"]]["reward"])
         if r["name"] == "distributions/advantage":
             assert sum(r["values"]) == pytest.approx(0.0, abs=1e-6), "group-relative"
 
-    dists = _records(run_dir, "trainer", "distribution")
+    dists = records(run_dir, "trainer", "distribution")
     assert {(r["step"], r["name"]) for r in dists} == {(s, n) for s in (3, 6) for n in TRAINER_DISTRIBUTIONS}
-    trainer = {r["step"]: r["metrics"] for r in _records(run_dir, "trainer", "metrics")}
+    trainer = {r["step"]: r["metrics"] for r in records(run_dir, "trainer", "metrics")}
     for r in dists:
         assert len(r["values"]) == trainer[r["step"]]["num_loss_tokens"], "one value per masked token"
         if r["name"] == "distributions/importance_ratio":
@@ -101,9 +92,11 @@ def test_jsonl_samples_and_distributions(run):
             assert sum(r["values"]) / len(r["values"]) == pytest.approx(trainer[r["step"]]["loss"], rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(RUN_TIMEOUT_S)
 def test_eval_metrics_and_printed_samples(run):
     run_dir, _ = run
-    metrics = {r["step"]: r["metrics"] for r in _records(run_dir, "orchestrator", "metrics")}
+    metrics = {r["step"]: r["metrics"] for r in records(run_dir, "orchestrator", "metrics")}
     assert sorted(metrics) == list(range(1, 7)), "one record per step, eval merged into it"
     assert [s for s, m in metrics.items() if "eval/reward" in m] == [3, 6]
     for step in (3, 6):
@@ -112,7 +105,7 @@ def test_eval_metrics_and_printed_samples(run):
                      "eval/completions/mean_length", "eval/completions/clipped_ratio", "time/eval"):  # fmt: skip
             assert name in m, (step, name)
         assert 0.0 <= m["eval/reward"] <= 1.0 and m["eval/reward"] == m["eval/rewards/lcs/mean"]
-        assert m["time/eval"] < 5.0, "64 greedy completions are cheap"
+        assert 0.0 < m["time/eval"] <= m["time/step"], "the eval pass is timed, as a part of its step"
     assert "time/eval" not in metrics[2]
 
     log = (run_dir / "logs" / "orchestrator.log").read_text()
@@ -129,15 +122,13 @@ def test_eval_metrics_and_printed_samples(run):
 def _wandb_history(run_dir: Path, job: str) -> tuple[Path, dict[int, dict]]:
     (wandb_run,) = (run_dir / "wandb").glob(f"offline-run-*-{job}")
     (wandb_file,) = wandb_run.glob("run-*.wandb")
-    out = subprocess.run(
-        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(wandb_file)],
-        capture_output=True, text=True, check=True, timeout=60, env={**os.environ, "WANDB_MODE": "offline"},
-    ).stdout  # fmt: skip
-    records = [json.loads(line) for line in out.splitlines() if line.strip()]
-    history = {int(r["history"]["step"].get("num", 0)): r["history"]["item"] for r in records if r["type"] == "history"}
+    items = wandb_records(wandb_file)
+    history = {int(r["history"]["step"].get("num", 0)): r["history"]["item"] for r in items if r["type"] == "history"}
     return wandb_run, history
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(RUN_TIMEOUT_S)
 def test_wandb_table_and_histograms(run):
     run_dir, _ = run
     wandb_run, history = _wandb_history(run_dir, "orchestrator")
@@ -163,6 +154,8 @@ def test_wandb_table_and_histograms(run):
 # ---------------------------------------------------------------- TensorBoard
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(RUN_TIMEOUT_S)
 def test_tensorboard_histograms_and_text(run):
     pytest.importorskip("torch.utils.tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -190,6 +183,8 @@ def test_tensorboard_histograms_and_text(run):
 # ---------------------------------------------------------------- MLflow
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(RUN_TIMEOUT_S)
 def test_mlflow_table_and_histogram_artifacts(run, tmp_path):
     from mlflow import MlflowClient
 
@@ -219,16 +214,13 @@ def test_mlflow_table_and_histogram_artifacts(run, tmp_path):
 # ---------------------------------------------------------------- per-job overrides
 
 
-def test_a_job_override_reaches_that_job_only(tmp_path):
+def test_a_job_override_reaches_that_job_only(tmp_path, hydra_compose):
     """`orchestrator.log_extras.interval=5` as `python -m rlrun` composes, resolves and hands it to the jobs."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from rlrun.config import CONF_DIR, load_run_config, register
+    from rlrun.config import load_run_config
 
-    register()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["log_extras=distributions", "orchestrator.log_extras.interval=5"])
+    cfg = hydra_compose("log_extras=distributions", "orchestrator.log_extras.interval=5")
     OmegaConf.save(OmegaConf.to_container(cfg, resolve=True), tmp_path / "config.yaml")  # as the parent writes it
     job = load_run_config(tmp_path / "config.yaml")
     assert job.orchestrator.log_extras.interval == 5

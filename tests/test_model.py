@@ -19,20 +19,15 @@ from rlrun.model import (
 )
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", ModelConfig(), seed=0)
-
-
 def _logits(model, ids=(1, 69, 70, 71, 29)):
     with torch.no_grad():
         return model(torch.tensor([list(ids)])).logits
 
 
-def test_tokenizer_round_trips_text_exactly(tiny_dir):
+def test_tokenizer_round_trips_text_exactly(tiny_model):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
     for text in ["ab c\nd", "  two  spaces  ", "x\n\ny\t!~", "dcba"]:
         ids = tok.encode(text, add_special_tokens=False)
         assert len(ids) == len(text)  # one token per character
@@ -45,8 +40,8 @@ def test_tokenizer_round_trips_text_exactly(tiny_dir):
     assert tok.decode([tok.eos_token_id, *tok.encode("a", add_special_tokens=False)], skip_special_tokens=True) == "a"
 
 
-def test_build_and_load(tiny_dir):
-    model, tok = load_model(tiny_dir)
+def test_build_and_load(tiny_model):
+    model, tok = load_model(tiny_model)
     assert type(model).__name__ == "LlamaForCausalLM"
     assert not model.training
     assert sum(p.numel() for p in model.parameters()) < 1_000_000
@@ -55,16 +50,16 @@ def test_build_and_load(tiny_dir):
     assert logits.shape == (1, 5, len(tok)) and torch.isfinite(logits).all()
 
 
-def test_same_seed_same_model_other_seed_differs(tmp_path, tiny_dir):
+def test_same_seed_same_model_other_seed_differs(tmp_path, tiny_model):
     again = build_tiny_model(tmp_path / "again", ModelConfig(), seed=0)
     other = build_tiny_model(tmp_path / "other", ModelConfig(), seed=1)
-    base = _logits(load_model(tiny_dir)[0])
+    base = _logits(load_model(tiny_model)[0])
     assert torch.equal(_logits(load_model(again)[0]), base)
     assert not torch.allclose(_logits(load_model(other)[0]), base)
 
 
-def test_save_and_load_weights_round_trip(tmp_path, tiny_dir):
-    trained, _ = load_model(tiny_dir)
+def test_save_and_load_weights_round_trip(tmp_path, tiny_model):
+    trained, _ = load_model(tiny_model)
     with torch.no_grad():
         for p in trained.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -72,7 +67,7 @@ def test_save_and_load_weights_round_trip(tmp_path, tiny_dir):
     assert sorted(os.listdir(out)) == [WEIGHTS_FILE]
     assert not (tmp_path / "weights" / "step_1.tmp").exists()
 
-    fresh, _ = load_model(tiny_dir)
+    fresh, _ = load_model(tiny_model)
     assert not torch.allclose(_logits(fresh), _logits(trained))
     assert load_weights(fresh, out) == {"step": "1"}
     assert torch.equal(_logits(fresh), _logits(trained))
@@ -84,11 +79,11 @@ def test_save_and_load_weights_round_trip(tmp_path, tiny_dir):
     assert sorted(os.listdir(out.parent)) == ["step_1"]
 
 
-def test_weights_of_another_shape_do_not_load(tmp_path, tiny_dir):
+def test_weights_of_another_shape_do_not_load(tmp_path, tiny_model):
     small_cfg = ModelConfig(hidden_size=32, intermediate_size=64)
     small, _ = load_model(build_tiny_model(tmp_path / "small", small_cfg, seed=0))
     save_weights(small, tmp_path / "small_weights")
-    model, _ = load_model(tiny_dir)
+    model, _ = load_model(tiny_model)
     before = _logits(model)
     with pytest.raises(RuntimeError, match="size mismatch"):
         load_weights(model, tmp_path / "small_weights")

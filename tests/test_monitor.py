@@ -5,18 +5,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 import types
 from pathlib import Path
 
 import psutil
 import pytest
+from conftest import metrics
 from omegaconf import OmegaConf
 
 from rlrun.config import LoggerConfig, MonitorConfig
-from rlrun.tracking import Tracker
-from rlrun.tracking.record import read_records
+from rlrun.launcher import monitor as monitor_module
 from rlrun.launcher.monitor import Monitor, start_monitor
+from rlrun.rundir import wait_for
+from rlrun.tracking import Tracker
 
 FAST = {"collection_interval": 0.05, "flush_interval": 0.2}
 
@@ -26,13 +29,48 @@ def _tracker(run_dir: Path, job: str = "monitor") -> Tracker:
 
 
 def _records(run_dir: Path) -> list[dict]:
-    return [r for r in read_records(run_dir / "metrics" / "monitor.jsonl") if r["type"] == "metrics"]
+    return metrics(run_dir, "monitor")
 
 
 def _run(monitor: Monitor, seconds: float) -> None:
     monitor.start()
     time.sleep(seconds)
     monitor.close()
+
+
+def _run_until(monitor: Monitor, samples: int) -> None:
+    """Run the monitor's thread until it has taken `samples` samples (close() takes one more)."""
+    monitor.start()
+    wait_for(lambda: monitor.samples >= samples, f"{samples} monitor samples", timeout_s=60)
+    monitor.close()
+
+
+class _Clock:
+    """The monitor module's clock (its one use of `time`: `time.monotonic()`), in virtual seconds
+    that move only when the test or the monitor's own waits move them: the sampling and flushing
+    schedule is then exact, however loaded the machine is."""
+
+    def __init__(self, monkeypatch, now: float = 1000.0) -> None:
+        self.now = now
+        monkeypatch.setattr(monitor_module, "time", self)
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class _VirtualStop(threading.Event):
+    """The monitor's stop event on a `_Clock`: a wait returns at once, `timeout` virtual seconds
+    later; the loop stops by itself once the clock reaches `until`."""
+
+    def __init__(self, clock: _Clock, until: float) -> None:
+        super().__init__()
+        self.clock, self.until = clock, until
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.clock.now += timeout or 0.0
+        if self.clock.now >= self.until:
+            self.set()
+        return self.is_set()
 
 
 CHILD = "import time; data = b'x' * (30 * 2**20); print('ready', flush=True); time.sleep(60)"
@@ -58,26 +96,33 @@ def job_process():
     proc.wait()
 
 
-def test_system_metrics_of_a_real_job_reach_the_tracker_in_batches(tmp_path, job_process):
+def test_system_metrics_of_a_real_job_reach_the_tracker_in_batches(tmp_path, job_process, monkeypatch):
     trainer = _tracker(tmp_path, job="trainer")  # the trainer's record gives the train_step axis
     for step in range(1, 8):
         trainer.log_metrics({"loss": 1.0}, step)
     trainer.finish()
 
+    # The monitor's thread runs 2 virtual seconds: a sample every 1/8 s, a hand-over every 1/2 s.
+    clock = _Clock(monkeypatch)
+    start = clock.now
     tracker = _tracker(tmp_path)
-    calls: list[float] = []  # when each sample was handed to the tracker
+    calls: list[float] = []  # when (virtual time) each sample was handed to the tracker
     log_metrics = tracker.log_metrics
 
     def counted(*args, **kwargs):
-        calls.append(time.monotonic())
+        calls.append(clock.now - start)
         return log_metrics(*args, **kwargs)
 
     tracker.log_metrics = counted  # type: ignore[method-assign]
-    monitor = Monitor(tracker, tmp_path, system=True, pids=lambda: {"worker": job_process.pid}, **FAST)
-    _run(monitor, 1.0)
+    monitor = Monitor(tracker, tmp_path, system=True, pids=lambda: {"worker": job_process.pid},
+                      collection_interval=0.125, flush_interval=0.5)  # fmt: skip
+    monitor._stop = stop = _VirtualStop(clock, until=start + 2.0)
+    monitor.start()
+    wait_for(stop.is_set, "the monitor's loop to reach 2 virtual seconds", timeout_s=60)
+    monitor.close()  # and a last sample, at 2.0
 
     records = _records(tmp_path)
-    assert len(records) == monitor.samples >= 8, "about one sample per collection_interval"
+    assert len(records) == monitor.samples == 17, "one sample per collection_interval, and close()'s"
     assert [r["step"] for r in records] == list(range(1, len(records) + 1)), "the step is the sample counter"
     for r in records:
         m = r["metrics"]
@@ -89,33 +134,60 @@ def test_system_metrics_of_a_real_job_reach_the_tracker_in_batches(tmp_path, job
         assert m["system/run_dir_gb"] >= 0.0
         assert m["system/train_step"] == 7.0, "the trainer's newest step"
     elapsed = [r["metrics"]["system/elapsed_s"] for r in records]
-    assert elapsed == sorted(elapsed) and len(set(elapsed)) == len(elapsed), "wall-clock axis strictly increasing"
-    assert 0.7 <= elapsed[-1] <= 1.5
+    assert elapsed == [0.125 * i for i in range(17)], "the wall-clock axis: seconds since the monitor started"
 
-    # Batching: the samples reach the tracker in bursts, one per flush_interval (on the
-    # sampling grid, so up to one collection_interval early) plus close()'s, not one call
-    # per collection.
-    bursts = [[calls[0]]]
-    for prev, t in zip(calls, calls[1:]):
-        if t - prev > 0.02:  # a burst's calls are microseconds apart; samples are 50 ms apart
-            bursts.append([])
-        bursts[-1].append(t)
+    # Batching: the samples reach the tracker in bursts, one per flush_interval plus close()'s,
+    # not one call per collection.
     assert len(calls) == len(records)
-    assert len(bursts) <= monitor.flushes < len(records) / 2  # close() may follow a flush within 20 ms
-    assert max(len(b) for b in bursts) >= 3
-    gaps = [b[0] - a[0] for a, b in zip(bursts, bursts[1:-1])]  # the last burst is close()'s, at any time
-    assert all(gap >= 0.2 - 0.05 - 0.01 for gap in gaps), gaps
+    assert sorted(set(calls)) == [0.5, 1.0, 1.5, 2.0]
+    assert monitor.flushes == 4
 
 
-def test_a_sample_costs_next_to_nothing(tmp_path, job_process):
+def test_a_sample_costs_next_to_nothing(tmp_path, job_process, monkeypatch):
+    """Counted, not timed (the speed of a machine is for benchmarks/): between the rare rescans of
+    a job's process tree and walks of the run directory, a sample reads only each process's own
+    counters, and never waits on a CPU-percent interval. Samples every 2 s (the default), on a
+    virtual clock."""
+    clock = _Clock(monkeypatch)
+    scans: list[int] = []
+    walks: list[Path] = []
+    intervals: list[float | None] = []
+    children, tree_size = psutil.Process.children, monitor_module._tree_size
+    cpu_percent, process_cpu_percent = psutil.cpu_percent, psutil.Process.cpu_percent
+
+    def spy_children(self, *args, **kwargs):
+        scans.append(self.pid)
+        return children(self, *args, **kwargs)
+
+    def spy_tree_size(root):
+        walks.append(root)
+        return tree_size(root)
+
+    def spy_cpu_percent(interval=None, *args, **kwargs):
+        intervals.append(interval)
+        return cpu_percent(interval, *args, **kwargs)
+
+    def spy_process_cpu_percent(self, interval=None):
+        intervals.append(interval)
+        return process_cpu_percent(self, interval)
+
+    monkeypatch.setattr(psutil.Process, "children", spy_children)
+    monkeypatch.setattr(monitor_module, "_tree_size", spy_tree_size)
+    monkeypatch.setattr(psutil, "cpu_percent", spy_cpu_percent)
+    monkeypatch.setattr(psutil.Process, "cpu_percent", spy_process_cpu_percent)
+
     monitor = Monitor(_tracker(tmp_path), tmp_path, system=True, pids=lambda: {"worker": job_process.pid})
-    monitor.sample()  # the first one finds the job's processes
-    start = time.perf_counter()
+    monitor.sample()  # the first one finds the job's processes and walks the run directory
+    assert (scans, walks) == ([job_process.pid], [tmp_path])
     for _ in range(20):
-        monitor.sample()
-    per_sample = (time.perf_counter() - start) / 20
+        clock.now += 2.0
+        sample = monitor.sample()
+        assert sample["system/rss_mb/worker"] >= 90.0, "the job and its child, read from the kept processes"
+    span = 20 * 2.0
+    assert len(scans) == 1 + span // monitor_module.TREE_RESCAN_S, scans
+    assert len(walks) == 1 + span // monitor_module.RUN_DIR_SIZE_EVERY_S, walks
+    assert intervals and not any(intervals), f"a CPU reading waited: {intervals}"
     monitor.close()
-    assert per_sample < 0.05, f"{per_sample * 1000:.1f} ms per sample"  # typically < 1 ms, every 2 s
 
 
 def test_a_job_that_ends_just_drops_out(tmp_path):
@@ -186,7 +258,7 @@ def test_gpu_without_a_usable_gpu_warns_once_and_keeps_system_metrics(tmp_path, 
         pytest.skip("this machine has a GPU")
     warnings: list[str] = []
     monitor = Monitor(_tracker(tmp_path), tmp_path, system=True, gpu=True, warn=warnings.append, **FAST)
-    _run(monitor, 0.4)
+    _run_until(monitor, samples=3)
     assert len(warnings) == 1, warnings
     assert "GPU" in warnings[0] and "system metrics go on" in warnings[0]
     records = _records(tmp_path)

@@ -18,9 +18,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, metrics
 
 WORLD = 2
-ROOT = Path(__file__).resolve().parents[1]
 REDUCTIONS = {"a": "mean", "b": "max", "c": "min", "d": "sum", "time/summed": "sum"}
 # Every collective torch.distributed offers; the spy counts calls to any of them.
 
@@ -124,13 +124,13 @@ def ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
         for rank in range(WORLD)
     ]
     outputs = []
-    for proc in procs:
+    for proc in procs:  # one after the other: 2 x 120 s, within the test's 300 s
         try:
-            outputs.append(proc.communicate(timeout=180)[0])
+            outputs.append(proc.communicate(timeout=120)[0])
         except subprocess.TimeoutExpired:
             for p in procs:
                 p.kill()
-            pytest.fail("the two ranks did not finish within 180 s")
+            pytest.fail("the two ranks did not finish within 120 s")
     for rank, (proc, output) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0, f"rank {rank} exited with {proc.returncode}:\n{output[-4000:]}"
     return out_dir, [json.loads((out_dir / f"result_{rank}.json").read_text()) for rank in range(WORLD)]
@@ -152,12 +152,10 @@ def test_one_collective_per_call(ranks):
 
 
 def test_tracker_reduces_and_only_rank0_records(ranks):
-    from rlrun.tracking.record import read_records
-
     out_dir, results = ranks
     assert [r["tracker_rank"] for r in results] == [0, 1], "the Tracker takes its rank from the process group"
     assert not [p for p in (out_dir / "run_1").rglob("*") if p.is_file()], "rank 1 writes nothing"
-    records = [r for r in read_records(out_dir / "run_0" / "metrics" / "trainer.jsonl") if r["type"] == "metrics"]
+    records = metrics(out_dir / "run_0", "trainer")
     assert [r["step"] for r in records] == [1, 2, 3]
     for record, call0, call1 in zip(records, results[0]["tracker"], results[1]["tracker"]):
         step = record["step"]

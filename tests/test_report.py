@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT
 from omegaconf import OmegaConf
 
 from rlrun.config import LoggerConfig
 from rlrun.tracking import Tracker
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 40
 FIRST_REWARD, LAST_REWARD = 0.1234, 0.8765
 

@@ -21,9 +21,8 @@ import yaml
 
 from slurm_cluster import scontrol, slurm_cluster, squeue, wait_until  # noqa: F401  (the fixture)
 
-from rlrun.tracking.record import read_records
+from conftest import ROOT, metrics
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
@@ -76,9 +75,10 @@ def _slurm_id(sweep_dir: Path, job: int) -> str | None:
 
 
 def _steps(run_dir: Path, job: str) -> list[int]:
-    return [r["step"] for r in read_records(run_dir / "metrics" / f"{job}.jsonl") if r["type"] == "metrics"]
+    return [r["step"] for r in metrics(run_dir, job)]
 
 
+@pytest.mark.timeout(900)  # after its waits: 240 s, 90 s, then 400 s for the sweep to end
 def test_two_job_sweep_on_slurm_one_requeued_mid_run(slurm_cluster, tmp_path):
     """Both jobs run at once as Slurm jobs sharing one MLflow SQLite store; job 0 is requeued
     (as on preemption) after its second checkpoint and resumes from it, same tracker runs."""
@@ -162,6 +162,7 @@ def test_two_job_sweep_on_slurm_one_requeued_mid_run(slurm_cluster, tmp_path):
     assert squeue(slurm_cluster).strip() == "", "no job left on the cluster"
 
 
+@pytest.mark.timeout(600)  # after its waits: 240 s, then 300 s for the sweep to end
 def test_failed_and_cancelled_slurm_jobs_are_reported_as_failed(slurm_cluster, tmp_path):
     """Job 1's run fails (its inference server never comes up): Slurm says FAILED, not
     COMPLETED. Job 0 is cancelled mid-run (scancel, as a time limit would): it never writes

@@ -15,11 +15,12 @@ import pytest
 import yaml
 from omegaconf import open_dict, read_write
 
+from conftest import ROOT, app_env
+
 from rlrun.sweep import callback, summary
 from rlrun.sweep import job as sweep_job
 from rlrun.sweep import submitit as sweep_submitit
 
-ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "rlrun" / "conf" / "experiment").glob("*.yaml"))
 
 
@@ -29,10 +30,8 @@ def _rlrun(*args: str, timeout: float = 300, env=None, cwd=ROOT) -> subprocess.C
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {**os.environ, "WANDB_DATA_DIR": str(tmp_path / "wandb_data"), "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache")}
-    env.pop("WANDB_API_KEY", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.update(extra)
+    env = app_env(tmp_path, **extra)
+    env.pop("MLFLOW_TRACKING_URI", None)  # each test names its own store
     return env
 
 
@@ -288,6 +287,7 @@ def test_submitit_slurm_where_there_is_no_slurm(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(480)  # after the sweep's own 400 s
 def test_basic_sweep_two_real_jobs_one_fails(tmp_path):
     """Two jobs one after another in this process: grouped tracker runs, a right summary,
     and a non-zero exit because the second job fails (its inference server never comes up)."""

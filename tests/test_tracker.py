@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import metrics, records
 from omegaconf import OmegaConf
 
 from rlrun.config import DeliveryConfig, LoggerConfig
+from rlrun.rundir import wait_for
 from rlrun.tracking import Tracker, enabled_backends
-from rlrun.tracking.record import read_records
 from rlrun.tracking.base import Backend, MetricPoint
 from rlrun.tracking.delivery import BackendWorker, Event
 
@@ -36,16 +36,15 @@ def test_jsonl_record_holds_every_call(tmp_path):
     tracker.log_distribution("nothing_finite", [float("inf"), float("nan")], step=5)  # no backend sees it
     tracker.finish()
 
-    records = read_records(tmp_path / "metrics" / "trainer.jsonl")
-    metrics = [r for r in records if r["type"] == "metrics"]
-    assert [r["step"] for r in metrics] == [1, 2, 3, 4, 5]
-    assert [r["metrics"]["loss"] for r in metrics] == pytest.approx([1.0, 0.5, 1 / 3, 0.25, 0.2])
-    assert all(r["metrics"]["time/train"] >= 0.001 for r in metrics), "timer() recorded time/train each step"
-    (hp,) = [r for r in records if r["type"] == "hyperparams"]
+    steps = metrics(tmp_path, "trainer")
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
+    assert [r["metrics"]["loss"] for r in steps] == pytest.approx([1.0, 0.5, 1 / 3, 0.25, 0.2])
+    assert all(r["metrics"]["time/train"] >= 0.001 for r in steps), "timer() recorded time/train each step"
+    (hp,) = records(tmp_path, "trainer", "hyperparams")
     assert hp["params"] == {"trainer.lr": 0.1, "logger.wandb.api_key": "<redacted>"}
-    (samples,) = [r for r in records if r["type"] == "samples"]
+    (samples,) = records(tmp_path, "trainer", "samples")
     assert samples["rows"] == [{"prompt": "ab=", "completion": "ba", "reward": 1.0}]
-    (dist,) = [r for r in records if r["type"] == "distribution"]
+    (dist,) = records(tmp_path, "trainer", "distribution")
     assert dist["values"] == [0.0, 0.5, 1.0], "non-finite values dropped"
     with pytest.raises(RuntimeError, match="finished"):
         tracker.log_metrics({"loss": 0.0}, 6)
@@ -61,9 +60,9 @@ def test_resumed_job_does_not_log_steps_twice(tmp_path):
     for step in range(6, 11):
         resumed.log_metrics({"x": step * 10}, step)
     resumed.finish()
-    records = [r for r in read_records(tmp_path / "metrics" / "orchestrator.jsonl") if r["type"] == "metrics"]
-    assert [r["step"] for r in records] == list(range(1, 11))
-    assert [r["metrics"]["x"] for r in records] == [1, 2, 3, 4, 5, 6, 7, 80, 90, 100]
+    steps = metrics(tmp_path, "orchestrator")
+    assert [r["step"] for r in steps] == list(range(1, 11))
+    assert [r["metrics"]["x"] for r in steps] == [1, 2, 3, 4, 5, 6, 7, 80, 90, 100]
 
 
 def test_enabled_backends_follow_config():
@@ -93,14 +92,17 @@ def test_backend_libraries_imported_only_when_chosen(tmp_path):
 
 
 class FlakyBackend(Backend):
-    """A real backend (keeps what it receives) that fails while `down` is set, or slowly."""
+    """A real backend (keeps what it receives) that fails while `down` is set, and, given a
+    `gate`, blocks in every call until the test opens it."""
 
     name = "flaky"
     max_batch_metrics = 50
 
-    def __init__(self, delay: float = 0.0) -> None:
+    def __init__(self, gate: threading.Event | None = None) -> None:
         self.down = threading.Event()
-        self.delay = delay
+        self.gate = gate
+        self.entered = threading.Event()  # set when a call starts
+        self.threads: set[threading.Thread] = set()  # the threads that called it
         self.points: list[MetricPoint] = []
         self.calls = 0
         self.other: list[tuple[str, Any]] = []
@@ -108,8 +110,10 @@ class FlakyBackend(Backend):
 
     def _check(self) -> None:
         self.calls += 1
-        if self.delay:
-            time.sleep(self.delay)
+        self.threads.add(threading.current_thread())
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(60), "the test never opened the gate"
         if self.down.is_set():
             raise ConnectionError("server unreachable")
 
@@ -139,14 +143,17 @@ def _delivery(**kw) -> Any:
 
 
 def test_slow_backend_never_blocks_the_caller(tmp_path):
-    backend = FlakyBackend(delay=0.05)
+    """A backend stuck in a call (here: until the test opens its gate) holds up no caller."""
+    gate = threading.Event()
+    backend = FlakyBackend(gate)
     worker = BackendWorker(backend, _delivery(), tmp_path)
-    worst = 0.0
-    for step in range(200):
-        start = time.perf_counter()
+    worker.submit(Event("metrics", MetricPoint(0, {"a": 0.0}, time.time())))
+    wait_for(backend.entered.is_set, "the writer thread's first backend call", timeout_s=30)
+    for step in range(1, 200):  # each returns while the backend is still blocked in that call
         worker.submit(Event("metrics", MetricPoint(step, {"a": float(step)}, time.time())))
-        worst = max(worst, time.perf_counter() - start)
-    assert worst < 0.01, f"submit blocked {worst:.4f}s behind a 50 ms backend"
+    assert backend.calls == 1 and backend.points == [], "199 submits returned behind a blocked backend"
+    assert threading.current_thread() not in backend.threads, "the caller never runs the backend"
+    gate.set()
     assert worker.flush(timeout=30)
     assert [p.step for p in backend.points] == list(range(200))
     assert backend.calls < 100, "consecutive points are batched into few backend calls"
@@ -161,7 +168,7 @@ def test_outage_keeps_everything_in_order_and_spills_to_disk(tmp_path, caplog):
         worker.submit(Event("metrics", MetricPoint(step, {"a": float(step), "b": 1.0}, time.time())))
         if step == 50:
             worker.submit(Event("samples", ([{"p": "x"}], step)))
-    time.sleep(0.3)
+    wait_for(lambda: backend.calls > 3 and worker.backlog.on_disk > 0, "retries and a spill", timeout_s=30)
     assert backend.points == [] and backend.calls > 3, "retried while down"
     assert worker.backlog.on_disk > 0, "bounded memory: the rest went to the spill file"
     warnings = [r for r in caplog.records if "flaky failed" in r.getMessage()]
@@ -192,7 +199,6 @@ def test_shutdown_with_dead_backend_persists_backlog(tmp_path):
     worker = BackendWorker(backend, _delivery(flush_timeout_s=0.2), tmp_path)
     for step in range(10):
         worker.submit(Event("metrics", MetricPoint(step, {"a": 1.0}, time.time())))
-    start = time.monotonic()
-    assert worker.request_stop().wait(10)
-    assert time.monotonic() - start < 5, "finish() gives a dead backend flush_timeout_s, not forever"
+    # Given 0.2 s: it stops long before the default flush_timeout_s (120 s), let alone never.
+    assert worker.request_stop().wait(60), "finish() gives a dead backend flush_timeout_s, not forever"
     assert (tmp_path / "flaky.spill").stat().st_size > 0

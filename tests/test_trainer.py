@@ -12,18 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, metrics, records
 from omegaconf import OmegaConf
 
 from rlrun.batch import write_batch
-from rlrun.config import ModelConfig, RunConfig
-from rlrun.model import build_tiny_model, encode_prompt, load_model, load_weights
-from rlrun.rundir import list_steps, read_json
-from rlrun.tracking.record import read_records
+from rlrun.config import RunConfig
+from rlrun.model import encode_prompt, load_model, load_weights
+from rlrun.rundir import list_steps, read_json, wait_for
 from rlrun.trainer.loss import grpo_loss
 from rlrun.trainer.dist import Ranks, gather_token_values
 from rlrun.trainer.step import forward_backward, token_logprobs
 
-ROOT = Path(__file__).resolve().parents[1]
 METRICS = [
     "loss", "grad_norm", "lr", "entropy", "num_loss_tokens", "tokens/s",
     "clip_ratio/low_mean", "clip_ratio/low_min", "clip_ratio/high_mean", "clip_ratio/high_max",
@@ -108,10 +107,9 @@ def test_kl_term_is_zero_at_the_reference_and_k3_elsewhere():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", ModelConfig(), seed=0)
-    model, tokenizer = load_model(path)
-    return path, model, tokenizer
+def tiny(tiny_model):
+    model, tokenizer = load_model(tiny_model)
+    return tiny_model, model, tokenizer
 
 
 def test_token_logprobs_match_the_sampler(tiny):
@@ -260,22 +258,16 @@ def _trainer(run: Path, *overrides: str, nproc: int = 1, timeout: float = 60) ->
     return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def _metrics(run: Path) -> list[dict]:
-    return [r for r in read_records(run / "metrics" / "trainer.jsonl") if r["type"] == "metrics"]
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny):
     """A 3-step run of the real job on 3 synthetic batches."""
     run = _new_run(tmp_path_factory.mktemp("e2e"), tiny, max_steps=3)
     _write_batches(run, tiny, [1, 2, 3])
-    start = time.monotonic()
-    result = _trainer(run)
-    return run, result, time.monotonic() - start
+    return run, _trainer(run)
 
 
 def test_trainer_job_trains_publishes_checkpoints_and_logs(trained, tiny):
-    run, result, _ = trained
+    run, result = trained
     assert result.returncode == 0, result.stdout + result.stderr
     assert list_steps(run / "weights") == [1, 2, 3]
     assert list_steps(run / "checkpoints") == [2, 3]  # every 2 steps and at the last
@@ -285,22 +277,21 @@ def test_trainer_job_trains_publishes_checkpoints_and_logs(trained, tiny):
         assert (folder / "model.safetensors").is_file() and (folder / "optimizer.pt").is_file()
     assert not [p for p in (run / "weights").iterdir() if p.name.startswith(".")]  # no staging left over
 
-    records = _metrics(run)
-    assert [r["step"] for r in records] == [1, 2, 3]
-    for r in records:
+    steps = metrics(run, "trainer")
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:
         assert set(METRICS) <= set(r["metrics"]), set(METRICS) - set(r["metrics"])
         assert "kl" not in r["metrics"]
         assert r["metrics"]["num_loss_tokens"] == sum(len(c) for _, c in _rows(tiny[2]))
-    assert "off_policy_steps" not in records[0]["metrics"], "the orchestrator logs how old the sampler was"
+    assert "off_policy_steps" not in steps[0]["metrics"], "the orchestrator logs how old the sampler was"
     log = (run / "logs" / "trainer" / "rank_0.log").read_text()
     assert [line.split("sampled by ")[1].split()[0] for line in log.splitlines() if "sampled by" in line] == ["v0"] * 3
-    assert records[0]["metrics"]["loss"] == pytest.approx(-sum(  # step 1 is on-policy: ratio 1
-        a * len(c) for a, (_, c) in zip(ADVANTAGES, _rows(tiny[2]))) / records[0]["metrics"]["num_loss_tokens"], abs=1e-5)
-    assert records[0]["metrics"]["clip_ratio/region_mean"] == 0.0
-    hyper = [r for r in read_records(run / "metrics" / "trainer.jsonl") if r["type"] == "hyperparams"]
+    assert steps[0]["metrics"]["loss"] == pytest.approx(-sum(  # step 1 is on-policy: ratio 1
+        a * len(c) for a, (_, c) in zip(ADVANTAGES, _rows(tiny[2]))) / steps[0]["metrics"]["num_loss_tokens"], abs=1e-5)
+    assert steps[0]["metrics"]["clip_ratio/region_mean"] == 0.0
+    hyper = records(run, "trainer", "hyperparams")
     assert len(hyper) == 1 and hyper[0]["params"]["trainer.lr"] == 3e-3
-    distributions = [r for r in read_records(run / "metrics" / "trainer.jsonl") if r["type"] == "distribution"]
-    assert not distributions, "log_extras is off by default"
+    assert not records(run, "trainer", "distribution"), "log_extras is off by default"
 
     log = (run / "logs" / "trainer" / "rank_0.log").read_text()
     for step in (1, 2, 3):
@@ -325,24 +316,26 @@ def test_trainer_resumes_after_its_newest_checkpoint_and_stops_on_sigterm(traine
     cmd = [sys.executable, "-m", "rlrun.trainer", "--config", str(run / "config.yaml"), "max_steps=5"]
     cmd.append(f"output_dir={run}")  # the copied config names the old run dir
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def step_4_done() -> bool:
+        if log.is_file() and "step 4/5 | loss" in log.read_text():
+            return True
+        assert proc.poll() is None, proc.stdout.read()
+        return False
+
     try:
-        deadline = time.monotonic() + 60
-        while not (log.is_file() and "step 4/5 | loss" in log.read_text()):
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "step 4 never finished"
-            time.sleep(0.05)
+        wait_for(step_4_done, "step 4 to finish", timeout_s=60, poll_s=0.05, max_poll_s=0.1)
         time.sleep(0.3)  # now waiting for rollouts/step_5
-        sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0, proc.stdout.read()
-        assert time.monotonic() - sent < 10
+        # It stops on the signal (TimeoutExpired otherwise): it would wait for batch 5 for good.
+        assert proc.wait(timeout=60) == 0, proc.stdout.read()
     finally:
         if proc.poll() is None:
             proc.kill()
     text = log.read_text()
     assert "resumed from checkpoints/step_3" in text and "step 3/" not in text
     assert "while waiting for step 5; trainer exiting cleanly" in text
-    assert [r["step"] for r in _metrics(run)] == [1, 2, 3, 4]  # each step once
+    assert [r["step"] for r in metrics(run, "trainer")] == [1, 2, 3, 4]  # each step once
     assert list_steps(run / "weights") == [2, 3, 4]  # step 3 re-published from the checkpoint; keep_last=3
     assert list_steps(run / "checkpoints") == [3, 4]
     model, _ = load_model(run / "model")
@@ -364,23 +357,23 @@ def test_trainer_two_ranks(trained, tmp_path, tiny):
     for rank in (0, 1):
         log = (run / "logs" / "trainer" / f"rank_{rank}.log").read_text()
         assert f"trainer rank {rank}/2" in log and "step 2/2 | loss " in log
-    records = _metrics(run)
-    assert [r["step"] for r in records] == [1, 2]
+    steps = metrics(run, "trainer")
+    assert [r["step"] for r in steps] == [1, 2]
     total = sum(len(c) for _, c in _rows(tiny[2]))
-    for r in records:
+    for r in steps:
         assert r["metrics"]["num_loss_tokens"] == total  # summed over both ranks' rows
         assert "kl" in r["metrics"]
-    assert records[0]["metrics"]["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at step 1
+    assert steps[0]["metrics"]["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at step 1
     # At step 1 the KL term and its gradient are 0, so the step is the one-process step of `trained`.
-    alone = _metrics(trained[0])[0]["metrics"]
+    alone = metrics(trained[0], "trainer")[0]["metrics"]
     for name in ("loss", "grad_norm", "num_loss_tokens"):
-        assert records[0]["metrics"][name] == pytest.approx(alone[name], rel=1e-5), name
+        assert steps[0]["metrics"][name] == pytest.approx(alone[name], rel=1e-5), name
     assert list_steps(run / "weights") == [1, 2] and list_steps(run / "checkpoints") == [2]
 
-    dists = [r for r in read_records(run / "metrics" / "trainer.jsonl") if r["type"] == "distribution"]
+    dists = records(run, "trainer", "distribution")
     assert sorted((r["step"], r["name"]) for r in dists) == [
         (2, "distributions/entropy"), (2, "distributions/importance_ratio"), (2, "distributions/per_token_loss"),
     ], "only on logging steps, once (rank 0)"  # fmt: skip
     assert all(len(r["values"]) == total for r in dists), "both ranks' tokens"
     (loss,) = [r["values"] for r in dists if r["name"] == "distributions/per_token_loss"]
-    assert sum(loss) / total == pytest.approx(records[1]["metrics"]["loss"], rel=1e-4), "the batch's token mean"
+    assert sum(loss) / total == pytest.approx(steps[1]["metrics"]["loss"], rel=1e-4), "the batch's token mean"

@@ -26,29 +26,15 @@ from typing import Any
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import ROOT, run_app
 from omegaconf import OmegaConf
 
-from rlrun.config import CONF_DIR, ConfigError, ModelConfig, register, validate
+from rlrun.config import ConfigError, ModelConfig, validate
 from rlrun.inference import vllm as vllm_mod
 from rlrun.inference.client import InferenceClient, InferenceError
 from rlrun.inference.vllm import VllmUnavailable, server_args, split_gpus, vllm_launch
 from rlrun.inference.vllm_worker import WeightUpdateExtension, load_weights_into_runner
 from rlrun.model import build_tiny_model, encode_prompt, load_model, save_weights
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def hydra_compose():
-    register()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        yield lambda *overrides: compose("config", overrides=list(overrides))
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("run") / "model", ModelConfig(), seed=0)
 
 
 # ---------------------------------------------------------------- the server command line
@@ -122,14 +108,14 @@ def _fake_vllm_here(monkeypatch, gpus: str) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", gpus)
 
 
-def test_job_commands_carry_each_jobs_gpus(hydra_compose, tiny_dir, monkeypatch):
+def test_job_commands_carry_each_jobs_gpus(hydra_compose, tiny_model, monkeypatch):
     _fake_vllm_here(monkeypatch, "4,5,6,7")
     cfg = hydra_compose(*OVERRIDES, "trainer.device=cuda", "trainer.num_ranks=2", "inference.port=8123")
-    run_dir = tiny_dir.parent  # resolve_model_path finds the tiny model there
+    run_dir = tiny_model.parent  # resolve_model_path finds the tiny model there (and leaves it as it is)
     launch = vllm_launch(cfg, run_dir)
     assert launch.env == {"CUDA_VISIBLE_DEVICES": "4,5", "VLLM_SERVER_DEV_MODE": "1"}
     assert launch.command[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
-    assert launch.command[3:] == server_args(cfg, tiny_dir, 8123)
+    assert launch.command[3:] == server_args(cfg, tiny_model, 8123)
     assert launch.trainer_env == {"CUDA_VISIBLE_DEVICES": "6,7"}
 
     cpu_trainer = hydra_compose(*OVERRIDES, "inference.port=8123")  # trainer.device=cpu: its environment is left alone
@@ -199,10 +185,7 @@ def test_rlrun_inference_vllm_fails_before_any_job(tmp_path):
     """The real entrypoint here: no vLLM (and no GPU) -> exit 2, a clear message, no job."""
     run_dir = tmp_path / "run"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # even where vLLM is installed, no GPU is visible
-    proc = subprocess.run(
-        [sys.executable, "-m", "rlrun", "inference=vllm", f"hydra.run.dir={run_dir}", "max_steps=1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=240, env=env,
-    )  # fmt: skip
+    proc = run_app(run_dir, "inference=vllm", "max_steps=1", timeout=240, env=env)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2, output
     assert "could not start the run: inference=vllm needs" in output
@@ -283,11 +266,11 @@ def test_worker_module_imports_without_vllm_or_torch():
     assert out.stdout.split() == ["False", "False"]
 
 
-def test_update_weights_from_path_changes_the_model(tiny_dir, tmp_path):
-    runner = FakeModelRunner(tiny_dir)
-    tokenizer_prompt = encode_prompt(load_model(tiny_dir)[1], "abc=")
+def test_update_weights_from_path_changes_the_model(tiny_model, tmp_path):
+    runner = FakeModelRunner(tiny_model)
+    tokenizer_prompt = encode_prompt(load_model(tiny_model)[1], "abc=")
     before = _logits(runner.hf_model, tokenizer_prompt)
-    step_dir, trained = _trained_weights(tiny_dir, tmp_path / "weights" / "step_1")
+    step_dir, trained = _trained_weights(tiny_model, tmp_path / "weights" / "step_1")
 
     result = _extension(runner).update_weights_from_path(str(step_dir))
 
@@ -302,10 +285,10 @@ def test_update_weights_from_path_changes_the_model(tiny_dir, tmp_path):
     torch.testing.assert_close(runner.hf_model.lm_head.weight, trained.lm_head.weight)
 
 
-def test_update_weights_refuses_an_incomplete_file(tiny_dir, tmp_path):
+def test_update_weights_refuses_an_incomplete_file(tiny_model, tmp_path):
     from safetensors.torch import save_file
 
-    runner = FakeModelRunner(tiny_dir)
+    runner = FakeModelRunner(tiny_model)
     state = {k: v.clone() for k, v in runner.hf_model.state_dict().items() if "layers.1." not in k and k != "lm_head.weight"}
     (tmp_path / "partial").mkdir()
     save_file(state, str(tmp_path / "partial" / "model.safetensors"))
@@ -315,13 +298,13 @@ def test_update_weights_refuses_an_incomplete_file(tiny_dir, tmp_path):
         load_weights_into_runner(runner, tmp_path / "nowhere")
 
 
-def test_tied_head_saved_under_its_own_name_still_loads(tiny_dir, tmp_path):
+def test_tied_head_saved_under_its_own_name_still_loads(tiny_model, tmp_path):
     """If a tied group were stored as lm_head.weight only, vLLM (which skips lm_head when tied)
     would get it under the embeddings' name."""
     from safetensors.torch import save_file
 
-    runner = FakeModelRunner(tiny_dir)
-    _, trained = _trained_weights(tiny_dir, tmp_path / "unused")
+    runner = FakeModelRunner(tiny_model)
+    _, trained = _trained_weights(tiny_model, tmp_path / "unused")
     state = {k: v.clone() for k, v in trained.state_dict().items() if k != "model.embed_tokens.weight"}
     (tmp_path / "lm_head_only").mkdir()
     save_file(state, str(tmp_path / "lm_head_only" / "model.safetensors"))
@@ -409,8 +392,8 @@ class VllmStandIn:
         self.httpd.server_close()
 
 
-def test_client_speaks_to_vllm_endpoints(tiny_dir, tmp_path):
-    runner = FakeModelRunner(tiny_dir)
+def test_client_speaks_to_vllm_endpoints(tiny_model, tmp_path):
+    runner = FakeModelRunner(tiny_model)
     server = VllmStandIn(_extension(runner))
     try:
         client = InferenceClient(server.url, timeout=30)
@@ -423,7 +406,7 @@ def test_client_speaks_to_vllm_endpoints(tiny_dir, tmp_path):
         sent = server.requests[-1][2]
         assert sent["return_tokens_as_token_ids"] is True and sent["logprobs"] == 0 and sent["model"] == "tiny"
 
-        step_dir, trained = _trained_weights(tiny_dir, tmp_path / "weights" / "step_1")
+        step_dir, trained = _trained_weights(tiny_model, tmp_path / "weights" / "step_1")
         del server.requests[:]
         result = client.update_weights(step_dir)
         assert server.requests == [
@@ -460,13 +443,13 @@ def test_client_backend_can_be_given():
 # ---------------------------------------------------------------- the client, local side
 
 
-def test_client_speaks_to_the_local_server_through_the_same_api(tiny_dir, tmp_path):
+def test_client_speaks_to_the_local_server_through_the_same_api(tiny_model, tmp_path):
     from rlrun.inference.engine import Engine
     from rlrun.inference.server import InferenceServer
     from rlrun.log import setup_logger
 
     setup_logger("WARNING", None, job="inference")
-    model, tokenizer = load_model(tiny_dir)
+    model, tokenizer = load_model(tiny_model)
     server = InferenceServer(Engine(model, tokenizer, max_batch_size=8), "127.0.0.1", 0, model_name="tiny").start()
     try:
         client = InferenceClient(server.url, timeout=30)
@@ -476,7 +459,7 @@ def test_client_speaks_to_the_local_server_through_the_same_api(tiny_dir, tmp_pa
         [[c]] = client.complete([prompt], n=1, max_tokens=4, temperature=1.0, seed=0)
         assert len(c.token_ids) == len(c.logprobs) > 0
 
-        step_dir, trained = _trained_weights(tiny_dir, tmp_path / "weights" / "step_1")
+        step_dir, trained = _trained_weights(tiny_model, tmp_path / "weights" / "step_1")
         assert client.update_weights(step_dir)["version"] == 1
         torch.testing.assert_close(_logits(model, prompt), _logits(trained, prompt))
         client.close()
@@ -489,6 +472,7 @@ def test_client_speaks_to_the_local_server_through_the_same_api(tiny_dir, tmp_pa
 
 @pytest.mark.gpu
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # up to 600 s for vLLM to come up, then 120 s a request and 60 s to stop
 def test_vllm_serves_and_updates_weights_on_gpu(tmp_path):
     """vLLM's real server on this machine's first GPU: serve, update in place, serve the new weights."""
     pytest.importorskip("vllm")
