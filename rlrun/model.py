@@ -170,6 +170,15 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return ids if bos is None else [bos, *ids]
 
 
+def decode_completion(tokenizer, token_ids: list[int]) -> str:
+    """A completion as text with every token it holds, special tokens shown as themselves.
+
+    What the reward functions score, the sample tables show and the logs print: a token the
+    policy emitted is never silently dropped (dropping `<pad>` let padding cost nothing).
+    """
+    return tokenizer.decode(token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
 def eos_token_ids(model, tokenizer) -> set[int]:
     """Every token id that ends a completion (the tokenizer's EOS and the generation config's)."""
     ids = set()

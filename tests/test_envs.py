@@ -104,6 +104,35 @@ def test_prompt_format_and_lcs_reward():
     assert lcs_ratio("abc", "XYZ") == 0.0
 
 
+def test_special_tokens_never_raise_the_reward(tiny_model):
+    """What the policy emitted is what is scored: padding a completion with special tokens
+    (decoded as themselves, as the orchestrator decodes) never scores higher than without them."""
+    from rlrun.model import decode_completion, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model)
+    env = ReverseText(TaskConfig())
+    special = [i for i in tokenizer.all_special_ids if i != tokenizer.eos_token_id]
+    assert len(special) >= 2, tokenizer.all_special_tokens  # <pad>, <s>, <unk>
+    rng = random.Random(0)
+    raised = []
+    for example in env.sample(rng, 200):
+        plain = tokenizer.encode(rng.choice([example.answer, example.answer[:-1], example.answer[::-1]]),
+                                 add_special_tokens=False)  # fmt: skip
+        padded = list(plain)
+        for _ in range(rng.randint(1, 6)):
+            padded.insert(rng.randint(0, len(padded)), rng.choice(special))
+        shown = decode_completion(tokenizer, padded)
+        assert all(tokenizer.convert_ids_to_tokens(i) in shown for i in padded if i in special), shown
+        if env.score(shown, example)["reward"] > env.score(decode_completion(tokenizer, plain), example)["reward"]:
+            raised.append((example.prompt, shown))
+    assert not raised, raised[:5]
+    # EOS ends the completion: what follows it does not count.
+    eos = tokenizer.eos_token_id
+    ex = Example("abc=", "cba")
+    tail = tokenizer.encode("cba", add_special_tokens=False) + [eos] + tokenizer.encode("xyz", add_special_tokens=False)
+    assert env.score(decode_completion(tokenizer, tail), ex)["lcs"] == 1.0
+
+
 def test_named_rewards_combine_with_weights():
     env = TwoRewards(TaskConfig(reward_weights={"length": 0.5}))
     ex = Example("p", "", {})

@@ -217,7 +217,7 @@ class _CharTokenizer:
     def encode(self, text, add_special_tokens=False):
         return [ord(c) for c in text]
 
-    def decode(self, ids, skip_special_tokens=True):
+    def decode(self, ids, skip_special_tokens=True, **_options):
         return "".join(chr(i) for i in ids)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from rlrun.inference import Completion
 from rlrun.log import render_table
+from rlrun.model import decode_completion
 from rlrun.orchestrator.extras import best_and_worst
 from rlrun.orchestrator.rollout import completion_metrics, reward_metrics
 
@@ -78,7 +79,7 @@ class Evaluator:
             self.prompt_ids, n=1, max_tokens=self.max_tokens, temperature=EVAL_TEMPERATURE, seed=EVAL_SEED
         )
         completions = [group[0] for group in groups]
-        texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+        texts = [decode_completion(self.tokenizer, c.token_ids) for c in completions]
         scores = pool.score(texts, self.examples)
         metrics = eval_metrics(scores, completions)
         log.info(

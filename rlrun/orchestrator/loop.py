@@ -154,8 +154,10 @@ class Orchestrator:
 
     def _score(self, rollouts: list[Rollout]) -> None:
         """Each rollout's text and rewards, scored in the env workers."""
+        from rlrun.model import decode_completion
+
         for r in rollouts:
-            r.text = self.tokenizer.decode(r.completion_ids, skip_special_tokens=True)
+            r.text = decode_completion(self.tokenizer, r.completion_ids)
         scores = self.pool.score([r.text for r in rollouts], [r.example for r in rollouts])
         for r, s in zip(rollouts, scores, strict=True):
             r.scores = s
