@@ -87,7 +87,12 @@ def test_default_run_improves_the_policy_and_leaves_the_whole_record(tmp_path):
     k = max(1, len(rewards) // 10)
     first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
     assert last - first >= 0.2, f"reward {first:.3f} -> {last:.3f}"
-    assert "mean reward" in (run_dir / "logs" / "rl.log").read_text()
+    final_eval = orchestrator[-1]["metrics"]
+    eos_share = 1 - final_eval["eval/completions/clipped_ratio"]
+    summary = f"held-out eval at step {max_steps}: reward {final_eval['eval/reward']:.3f}, ended with EOS {eos_share:.0%}"
+    assert "mean reward" in (rl_log := (run_dir / "logs" / "rl.log").read_text()) and summary in rl_log, rl_log[-2000:]
+    log = (run_dir / "logs" / "orchestrator.log").read_text()
+    assert f"eval at step {max_steps} (weights v{max_steps})" in log, "the final evaluation scores the final weights"
 
     usage = metrics(run_dir, "monitor")  # monitor=system (the default), sampled by the parent
     assert [r["step"] for r in usage] == list(range(1, len(usage) + 1)) and len(usage) >= 5

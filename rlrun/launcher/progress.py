@@ -27,6 +27,7 @@ class RunProgress:
         self.trained = 0
         self.reward = float("nan")
         self.tokens_per_s = float("nan")
+        self.last_eval: tuple[int, dict[str, float]] | None = None  # the newest evaluation: step, eval/* metrics
         self.progress = Progress(
             TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(),
             TextColumn("reward {task.fields[reward]}"), TextColumn("tokens/s {task.fields[tps]}"),
@@ -42,6 +43,8 @@ class RunProgress:
             self.rewards[record["step"]] = metrics.get("reward", float("nan"))
             self.reward = self.rewards[record["step"]]
             self.tokens_per_s = metrics.get("tokens/s", self.tokens_per_s)
+            if "eval/reward" in metrics:
+                self.last_eval = (record["step"], {k: v for k, v in metrics.items() if k.startswith("eval/")})
         for record in self.trainer.new_records():
             self.trained = max(self.trained, record["step"])
         self.progress.update(
@@ -49,14 +52,20 @@ class RunProgress:
         )
 
     def summary(self) -> str:
-        """Mean reward of the first and last 10% of steps."""
+        """Mean reward of the first and last 10% of steps; the newest held-out evaluation."""
         steps = sorted(self.rewards)
         if not steps:
             return "no steps were recorded"
         k = max(1, len(steps) // 10)
         first = statistics.fmean(self.rewards[s] for s in steps[:k])
         last = statistics.fmean(self.rewards[s] for s in steps[-k:])
-        return f"mean reward: first {k} steps {first:.3f} -> last {k} steps {last:.3f} ({last - first:+.3f})"
+        text = f"mean reward: first {k} steps {first:.3f} -> last {k} steps {last:.3f} ({last - first:+.3f})"
+        if self.last_eval is not None:
+            step, ev = self.last_eval
+            text += f"; held-out eval at step {step}: reward {ev['eval/reward']:.3f}"
+            if "eval/completions/clipped_ratio" in ev:
+                text += f", ended with EOS {1 - ev['eval/completions/clipped_ratio']:.0%}"
+        return text
 
     def close(self) -> None:
         self.progress.stop()

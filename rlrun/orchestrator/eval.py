@@ -2,10 +2,11 @@
 
 The held-out set is the environment's fixed `split="eval"` set (`task.num_eval_prompts`
 prompts, the same for every run and seed). Each prompt gets one **greedy** completion
-(temperature 0) from the policy inference currently serves, the one that generated the
-step: greedy decoding is deterministic, so `eval/reward` moves only when the policy does,
-with none of the sampling noise that one T=1 sample per prompt would add, and it is
-comparable across runs and seeds. Training's sampling is untouched: eval draws from no
+(temperature 0) from the policy inference currently serves: the one that generated the
+step, and at the last step the final weights (the orchestrator waits for them), so the
+run's last `eval/*` figures describe the model it leaves behind. Greedy decoding is
+deterministic, so `eval/reward` moves only when the policy does, with none of the sampling
+noise that one T=1 sample per prompt would add, and it is comparable across runs and seeds. Training's sampling is untouched: eval draws from no
 training random state (the engine seeds each row on its own).
 
 Metrics are the training names under `eval/` (`eval/reward`, `eval/reward_std` across
@@ -71,7 +72,7 @@ class Evaluator:
         self.max_tokens = max_tokens
         self.num_to_print = num_to_print
 
-    def evaluate(self, step: int, client: Any, pool: Any, log: Any) -> dict[str, float]:
+    def evaluate(self, step: int, client: Any, pool: Any, log: Any, version: int | None = None) -> dict[str, float]:
         """Generate, score and summarise; logs a line and the sample table; returns `eval/*` metrics."""
         if not self.examples:
             return {}
@@ -83,8 +84,10 @@ class Evaluator:
         scores = pool.score(texts, self.examples)
         metrics = eval_metrics(scores, completions)
         log.info(
-            f"eval at step {step}: reward {metrics['eval/reward']:.3f} over {len(self.examples)} held-out prompts "
-            f"(greedy), len {metrics['eval/completions/mean_length']:.1f}"
+            f"eval at step {step}{'' if version is None else f' (weights v{version})'}: reward "
+            f"{metrics['eval/reward']:.3f} over {len(self.examples)} held-out prompts (greedy), "
+            f"len {metrics['eval/completions/mean_length']:.1f}, ended with EOS "
+            f"{1 - metrics['eval/completions/clipped_ratio']:.0%}"
         )
         table = eval_table(step, [ex.prompt for ex in self.examples], texts, [s["reward"] for s in scores],
                            self.num_to_print)  # fmt: skip

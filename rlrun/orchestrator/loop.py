@@ -82,12 +82,8 @@ class Orchestrator:
 
         cfg, ocfg, tracker = self.cfg, self.ocfg, self.tracker
         step_start = time.perf_counter()
-        with tracker.timer("wait_for_weights"):
-            version = self._wait_for_weights(step)
-        if version > self.loaded_version:
-            with tracker.timer("update_weights"):
-                self.client.update_weights(step_dir(self.run_dir / "weights", version))
-            self.loaded_version = version
+        # Off-policy bound: generating step s needs the policy after s-1-max_async_steps updates.
+        self._sync_weights(step - 1 - ocfg.max_async_steps)
 
         rng = random.Random(cfg.seed * 1_000_003 + step)  # a resumed step samples the same prompts
         examples = self.env.sample(rng, ocfg.batch_size)
@@ -108,49 +104,57 @@ class Orchestrator:
             prune(self.run_dir / "rollouts", max(ocfg.keep_last, ocfg.max_async_steps + 2))
         self.stop.check()
 
-        # The trainer already has this step's batch; evaluate the policy that generated it.
+        # The trainer already has this step's batch; evaluate the policy that generated it
+        # (at the last step, the final weights: what the run leaves behind).
         eval_metrics: dict[str, float] = {}
         if self.evaluator is not None and is_eval_step(step, ocfg.eval_interval, cfg.max_steps):
+            if step == cfg.max_steps:  # the final evaluation scores the final weights
+                self._sync_weights(step)
             with tracker.timer("eval"):
-                eval_metrics = self.evaluator.evaluate(step, self.client, self.pool, self.log)
+                eval_metrics = self.evaluator.evaluate(step, self.client, self.pool, self.log, self.loaded_version)
         if (self.xcfg.samples or self.xcfg.distributions) and is_logging_step(step, self.xcfg.interval):
             log_rollout_extras(tracker, self.xcfg, step, random.Random(f"{cfg.seed}/samples/{step}"), rollouts)
 
         generated = sum(len(r.completion_ids) for r in rollouts)
+        sampled_by = meta["policy_version"]
         self.num_tokens += generated + sum(len(r.prompt_ids) for r in rollouts)
         metrics = {
             **reward_metrics([r.scores for r in rollouts], ocfg.group_size),
             **completion_metrics([r.completion for r in rollouts]),
             "num_tokens": self.num_tokens,
             "tokens/s": generated / max(generate.seconds, 1e-9),
-            "off_policy_steps": float(step - 1 - self.loaded_version),
+            "off_policy_steps": float(step - 1 - sampled_by),
             "time/step": time.perf_counter() - step_start,
             **eval_metrics,
         }
         tracker.log_metrics(metrics, step)
         self.log.info(
             f"step {step}/{cfg.max_steps} | reward {metrics['reward']:.3f} | "
-            f"len {metrics['completions/mean_length']:.1f} | policy v{self.loaded_version} | "
+            f"len {metrics['completions/mean_length']:.1f} | policy v{sampled_by} | "
             f"generate {generate.seconds:.2f}s | e.g. {rollouts[0].example.prompt!r} -> {rollouts[0].text!r}"
         )
 
     # ------------------------------------------------------------ the step's parts
 
-    def _wait_for_weights(self, step: int) -> int:
-        """The newest weights version, once the off-policy bound allows generating `step`.
+    def _sync_weights(self, needed: int) -> None:
+        """Have inference serve the newest weights, waiting for `weights/step_<needed>` at least.
 
-        Generating step s needs the policy after s-1-max_async_steps updates; after a resume,
-        never anything older than the checkpoint.
+        After a resume, never anything older than the checkpoint; 0 is the initial model.
         """
-        needed = max(step - 1 - self.ocfg.max_async_steps, self.start - 1)
+        needed = max(needed, self.start - 1)
         weights = self.run_dir / "weights"
 
         def newest() -> int | None:
             self.stop.check()
-            version = latest_step(weights) or 0  # 0: the initial model
+            version = latest_step(weights) or 0
             return version if version >= needed else None
 
-        return wait_for(newest, f"weights/step_{needed} from the trainer")
+        with self.tracker.timer("wait_for_weights"):
+            version = wait_for(newest, f"weights/step_{needed} from the trainer")
+        if version > self.loaded_version:
+            with self.tracker.timer("update_weights"):
+                self.client.update_weights(step_dir(weights, version))
+            self.loaded_version = version
 
     def _score(self, rollouts: list[Rollout]) -> None:
         """Each rollout's text and rewards, scored in the env workers."""
