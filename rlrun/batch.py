@@ -9,6 +9,7 @@ right-padded to length T:
   at t-1 predict it)
 - `old_logprobs` float32 [B, T]: the sampler's log p(token t) at those positions, 0 elsewhere
 - `advantages` float32 [B]: group-normalized reward of each sequence
+- `truncated` float32 [B] (optional): 1 where the completion was cut off at `max_tokens`
 
 and `meta.json` the step, the policy version that sampled it and the sampling temperature.
 """

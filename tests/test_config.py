@@ -99,6 +99,16 @@ def test_validate_names_group_size(hydra_compose):
         validate(cfg)
 
 
+@pytest.mark.parametrize("override, key", [
+    ("trainer.loss_type=ppo", "trainer.loss_type"), ("orchestrator.scale_rewards=rank", "orchestrator.scale_rewards"),
+    ("trainer.keep_last=1", "trainer.keep_last"), ("log_extras.interval=0", "log_extras.interval"),
+    ("orchestrator.log_extras.interval=0", "orchestrator.log_extras.interval"), ("log_level=LOUD", "log_level"),
+])  # fmt: skip
+def test_value_rules_on_the_fields_name_the_key(hydra_compose, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + "="):
+        validate(hydra_compose(override))
+
+
 def test_validate_names_model_path(hydra_compose, tmp_path):
     with pytest.raises(ConfigError, match=r"model\.path"):
         validate(hydra_compose("model=hf", f"model.path={tmp_path / 'nonexistent'}"))

@@ -36,15 +36,27 @@ def _rollout(prompt_ids: list[int], completion: Completion, prompt: str = "p", t
 
 
 def test_group_advantages_by_hand():
-    # Group 1: mean 1, pstdev sqrt(1/2) -> (r - 1) / (std + eps). Group 2: all equal -> 0 everywhere.
+    # Group 1: mean 1, Bessel std sqrt(2/3) (TRL's) -> (r - 1) / (std + eps). Group 2: all equal -> 0.
     eps = 1e-4
     adv = group_advantages([0.0, 2.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5], group_size=4, eps=eps)
-    std = math.sqrt(0.5)
+    std = math.sqrt(2 / 3)
     assert adv[:4] == pytest.approx([-1 / (std + eps), 1 / (std + eps), 0.0, 0.0])
     assert adv[4:] == [0.0, 0.0, 0.0, 0.0], "a zero-std group carries no signal"
-    with_eps = group_advantages([0.0, 1.0], group_size=2)  # default eps 1e-4: mean 0.5, std 0.5
-    assert with_eps == pytest.approx([-0.5 / (0.5 + 1e-4), 0.5 / (0.5 + 1e-4)])
+    with_eps = group_advantages([0.0, 1.0], group_size=2)  # default eps 1e-4: mean 0.5, std sqrt(1/2)
+    assert with_eps == pytest.approx([-0.5 / (math.sqrt(0.5) + 1e-4), 0.5 / (math.sqrt(0.5) + 1e-4)])
     assert sum(group_advantages([0.3, 0.9, 0.1], 3)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_scale_rewards_batch_and_none_by_hand():
+    rewards = [0.0, 2.0, 1.0, 1.0]  # groups of 2: means 1 and 1
+    # batch: every group divided by the std of all four, Bessel: var = (1 + 1 + 0 + 0) / 3
+    batch_std = math.sqrt(2 / 3)
+    assert group_advantages(rewards, 2, "batch", eps=0.0) == pytest.approx([-1 / batch_std, 1 / batch_std, 0.0, 0.0])
+    assert group_advantages(rewards, 2, "none") == [-1.0, 1.0, 0.0, 0.0], "Dr. GRPO: centred, not scaled"
+    # group: each group's own std (sqrt(2) for the first, 0 for the second)
+    assert group_advantages(rewards, 2, "group", eps=1e-12) == pytest.approx([-1 / math.sqrt(2), 1 / math.sqrt(2), 0, 0])
+    with pytest.raises(ValueError, match="scale"):
+        group_advantages(rewards, 2, "rank")
 
 
 def test_group_advantages_reject_a_ragged_batch():
@@ -66,6 +78,7 @@ def test_build_batch_masks_and_positions():
     torch.testing.assert_close(t["old_logprobs"][0], torch.tensor([0.0, 0.0, -0.5, -0.6, -0.7]))
     torch.testing.assert_close(t["old_logprobs"][1], torch.tensor([0.0, -0.5, 0.0, 0.0, 0.0]))
     assert t["advantages"].tolist() == [1.5, -0.5]
+    assert t["truncated"].tolist() == [0.0, 1.0], "cut off at max_tokens"
     assert t["input_ids"].dtype == torch.long and t["loss_mask"].dtype == torch.float32
 
 
@@ -84,10 +97,11 @@ def test_reward_metrics_by_hand():
     m = reward_metrics(SCORES, group_size=2)
     assert m["reward"] == 0.75
     assert m["reward_std"] == 0.0 and m["frac_reward_zero_std"] == 1.0  # both groups tie
-    assert m["rewards/lcs/mean"] == 0.5 and m["rewards/lcs/std"] == pytest.approx(math.sqrt(0.125))
-    assert m["rewards/short/mean"] == 0.25 and m["rewards/short/std"] == pytest.approx(math.sqrt(3 / 16))
+    # Bessel-corrected, as TRL's: lcs (1, 0, .5, .5) has squared deviations summing to 0.5, over 3.
+    assert m["rewards/lcs/mean"] == 0.5 and m["rewards/lcs/std"] == pytest.approx(math.sqrt(0.5 / 3))
+    assert m["rewards/short/mean"] == 0.25 and m["rewards/short/std"] == pytest.approx(math.sqrt(0.75 / 3))
     m = reward_metrics([{"reward": r} for r in (0.0, 1.0, 0.5, 0.5)], group_size=2)
-    assert m["reward_std"] == 0.25 and m["frac_reward_zero_std"] == 0.5
+    assert m["reward_std"] == pytest.approx(math.sqrt(0.5) / 2) and m["frac_reward_zero_std"] == 0.5
     assert not [k for k in m if k.startswith("rewards/")]
 
 
@@ -193,7 +207,7 @@ def test_eval_steps_and_metrics():
     assert [s for s in range(1, 11) if is_eval_step(s, 0, 10)] == [], "0: off"
     m = eval_metrics([{"lcs": 1.0, "reward": 1.0}, {"lcs": 0.0, "reward": 0.0}],
                      [_completion([1, 2]), _completion([1, 2, 3, 4], "length")])  # fmt: skip
-    assert m["eval/reward"] == 0.5 and m["eval/reward_std"] == 0.5, "std across the held-out prompts"
+    assert m["eval/reward"] == 0.5 and m["eval/reward_std"] == pytest.approx(math.sqrt(0.5)), "std across prompts"
     assert m["eval/rewards/lcs/mean"] == 0.5 and m["eval/completions/mean_length"] == 3.0
     assert m["eval/completions/clipped_ratio"] == 0.5
     assert all(k.startswith("eval/") for k in m) and "eval/frac_reward_zero_std" not in m

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -17,9 +18,10 @@ from omegaconf import OmegaConf
 
 from rlrun.batch import write_batch
 from rlrun.config import RunConfig
+from rlrun.job import StopFlag
 from rlrun.model import encode_prompt, load_model, load_weights
 from rlrun.rundir import list_steps, read_json, wait_for
-from rlrun.trainer.loss import grpo_loss
+from rlrun.trainer.loss import LOSS_TYPES, grpo_loss
 from rlrun.trainer.dist import Ranks, gather_token_values
 from rlrun.trainer.step import forward_backward, token_logprobs
 
@@ -103,6 +105,70 @@ def test_kl_term_is_zero_at_the_reference_and_k3_elsewhere():
     assert loss.item() == pytest.approx(-1.0 + 0.5 * k3 / 2)
 
 
+def _two_sequences(ratios: list[list[float]] | None = None):
+    """Two sequences of 2 and 1 tokens (width 3), advantages 1 and -3, logprobs log(1/2)."""
+    mask = _mask([2, 1], 3)
+    lp = torch.full((2, 3), math.log(0.5), requires_grad=True)
+    ratio = torch.tensor(ratios) if ratios else torch.ones(2, 3)
+    return lp, lp.detach() - ratio.log(), torch.tensor([1.0, -3.0]), mask
+
+
+@pytest.mark.parametrize("loss_type, expected", [
+    ("dapo", (-1 - 1 + 3) / 3),  # token sum / tokens
+    ("bnpo", (-1 - 1 + 3) / 3),  # the same on one batch (it differs across ranks: local tokens)
+    ("grpo", ((-1 - 1) / 2 + 3 / 1) / 2),  # mean over sequences of each one's token mean
+    ("gspo", ((-1 - 1) / 2 + 3 / 1) / 2),  # ratio 1 everywhere: as grpo
+    ("dr_grpo", (-1 - 1 + 3) / (2 * 4)),  # token sum / (sequences * max_tokens)
+    ("cispo", (math.log(2) * (1 + 1 - 3)) / 3),  # -w * A * logprob, w = 1: A * log 2 per token
+])  # fmt: skip
+def test_loss_types_on_policy_by_hand(loss_type, expected):
+    lp, old, adv, mask = _two_sequences()
+    loss, _ = grpo_loss(lp, old, adv, mask, loss_type=loss_type, max_tokens=4)
+    assert loss.item() == pytest.approx(expected)
+
+
+def test_gspo_uses_one_ratio_per_sequence_by_hand():
+    # Sequence 0 (A=1): token ratios 1.1 and 1.3 -> one ratio sqrt(1.1 * 1.3) = 1.1958, inside the clip.
+    # Sequence 1 (A=-3): ratio 0.5 < 0.8 with A<0 -> clipped to 0.8: loss 2.4.
+    lp, old, adv, mask = _two_sequences([[1.1, 1.3, 1.0], [0.5, 1.0, 1.0]])
+    seq_ratio = math.sqrt(1.1 * 1.3)
+    loss, stats = grpo_loss(lp, old, adv, mask, loss_type="gspo")
+    assert loss.item() == pytest.approx((-seq_ratio + 2.4) / 2)
+    assert stats["clip_ratio/low_mean"].item() == pytest.approx(1 / 3) and stats["clip_ratio/high_mean"].item() == 0
+    # Token level (grpo): 1.3 is clipped to 1.28 for A>0, so the sequence mean differs.
+    token_loss, _ = grpo_loss(lp, old, adv, mask, loss_type="grpo")
+    assert token_loss.item() == pytest.approx(((-1.1 - 1.28) / 2 + 2.4) / 2)
+
+
+def test_cispo_weighs_the_logprob_by_the_truncated_ratio_by_hand():
+    lp, old, adv, mask = _two_sequences([[1.5, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    loss, stats = grpo_loss(lp, old, adv, mask, loss_type="cispo")
+    # -sg(min(ratio, 1.28)) * A * logprob, token mean: weights 1.28, 1 (A=1) and 1 (A=-3), logprob -log 2.
+    assert loss.item() == pytest.approx(math.log(2) * (1.28 + 1.0 - 3.0) / 3)
+    loss.backward()  # the weight carries no gradient: d/d logprob = -w * A / 3
+    torch.testing.assert_close(lp.grad, torch.tensor([[-1.28 / 3, -1 / 3, 0.0], [1.0, 0.0, 0.0]]))
+    assert stats["clip_ratio/high_mean"].item() == pytest.approx(1 / 3), "the truncated token"
+
+
+def test_mask_truncated_completions_drops_their_tokens(tmp_path, tiny):
+    """`trainer.mask_truncated_completions`: rows cut off at max_tokens get no loss (TRL's)."""
+    run, (_, model, tokenizer) = tmp_path, tiny
+    batch = _batch_tensors(_rows(tokenizer), ADVANTAGES, model, temperature=1.0)
+    batch["truncated"] = torch.tensor([1.0] + [0.0] * (batch["input_ids"].shape[0] - 1))
+    from rlrun.trainer.loop import Trainer
+
+    trainer = Trainer.__new__(Trainer)  # only the batch-reading part, on a batch written to disk
+    trainer.cfg = OmegaConf.create({"orchestrator": {"temperature": 1.0}})
+    trainer.tcfg = OmegaConf.create({"mask_truncated_completions": True})
+    trainer.run_dir, trainer.stop, trainer.ranks = run, StopFlag(), Ranks()
+    write_batch(run, 1, batch, {"policy_version": 0, "temperature": 1.0})
+    rows, _ = trainer._wait_for_batch(1)
+    assert rows["loss_mask"][0].sum() == 0 and rows["loss_mask"][1:].sum() == batch["loss_mask"][1:].sum()
+    trainer.tcfg.mask_truncated_completions = False
+    rows, _ = trainer._wait_for_batch(1)
+    assert torch.equal(rows["loss_mask"], batch["loss_mask"])
+
+
 # ---------------------------------------------------------------- the recomputed logprobs
 
 
@@ -130,7 +196,8 @@ def test_token_logprobs_match_the_sampler(tiny):
     model.train()  # the engine put it in eval mode; nothing else in this module cares
 
 
-def test_micro_batches_change_nothing_but_memory(tiny):
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_micro_batches_change_nothing_but_memory(tiny, loss_type):
     _, model, tokenizer = tiny
     model.eval()
     batch = _batch_tensors(_rows(tokenizer), ADVANTAGES, model, temperature=1.0)
@@ -138,7 +205,8 @@ def test_micro_batches_change_nothing_but_memory(tiny):
     results = []
     for size in (None, 3):
         model.zero_grad()
-        stats = forward_backward(model, batch, 1.0, 0.2, 0.28, kl_coef=0.5, ref_model=model, micro_batch_size=size)
+        stats = forward_backward(model, batch, 1.0, 0.2, 0.28, kl_coef=0.5, ref_model=model, micro_batch_size=size,
+                                 loss_type=loss_type, max_tokens=8)  # fmt: skip
         results.append((stats, [p.grad.clone() for p in model.parameters()]))
     model.zero_grad()
     (whole, grads_whole), (micro, grads_micro) = results

@@ -95,7 +95,8 @@ class Orchestrator:
                     for c in group]  # fmt: skip
         with tracker.timer("score"):
             self._score(rollouts)
-        for rollout, advantage in zip(rollouts, group_advantages([r.reward for r in rollouts], ocfg.group_size)):
+        advantages = group_advantages([r.reward for r in rollouts], ocfg.group_size, ocfg.scale_rewards)
+        for rollout, advantage in zip(rollouts, advantages):
             rollout.advantage = advantage
         with tracker.timer("write_batch"):
             meta = {"policy_version": self.loaded_version, "temperature": ocfg.temperature}

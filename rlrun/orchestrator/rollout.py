@@ -15,6 +15,7 @@ import torch
 
 from rlrun.envs.base import Example
 from rlrun.inference import Completion
+from rlrun.orchestrator.config import SCALE_REWARDS
 
 
 @dataclass
@@ -38,20 +39,30 @@ class Rollout:
         return self.completion.token_ids
 
 
-def group_advantages(rewards: Sequence[float], group_size: int, eps: float = 1e-4) -> list[float]:
-    """GRPO: each reward minus its group's mean, divided by the group's std (+eps).
+def _std(values: Sequence[float]) -> float:
+    """Bessel-corrected standard deviation (TRL's `nanstd`); 0 for fewer than two values."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
-    A group whose completions all scored the same gets advantage 0 everywhere: it carries
-    no signal about which completion is better.
+
+def group_advantages(rewards: Sequence[float], group_size: int, scale: str = "group", eps: float = 1e-4) -> list[float]:
+    """GRPO: each reward minus its group's mean, divided by a std (+eps) as `scale` says.
+
+    `scale` is TRL's `scale_rewards`: `group` (the group's std), `batch` (the whole batch's
+    std) or `none` (Dr. GRPO: no division). Stds are Bessel-corrected, as TRL's. A group
+    whose completions all scored the same gets advantage 0 everywhere: it carries no signal
+    about which completion is better.
     """
     if len(rewards) % group_size:
         raise ValueError(f"{len(rewards)} rewards do not split into groups of {group_size}")
+    if scale not in SCALE_REWARDS:
+        raise ValueError(f"scale={scale!r}: must be one of {SCALE_REWARDS}")
+    batch_std = _std(rewards)
     out: list[float] = []
     for start in range(0, len(rewards), group_size):
         group = rewards[start : start + group_size]
         mean = statistics.fmean(group)
-        std = statistics.pstdev(group) if len(group) > 1 else 0.0
-        out.extend((r - mean) / (std + eps) for r in group)
+        std = {"group": _std(group), "batch": batch_std, "none": None}[scale]
+        out.extend((r - mean) / (std + eps) if std is not None else r - mean for r in group)
     return out
 
 
@@ -75,6 +86,7 @@ def build_batch(rollouts: Sequence[Rollout], pad_id: int) -> dict[str, torch.Ten
         "loss_mask": loss_mask,
         "old_logprobs": old_logprobs,
         "advantages": torch.tensor([r.advantage for r in rollouts], dtype=torch.float32),
+        "truncated": torch.tensor([float(r.completion.finish_reason == "length") for r in rollouts]),
     }
 
 
@@ -82,7 +94,7 @@ def reward_metrics(scores: Sequence[dict[str, float]], group_size: int) -> dict[
     """`reward` (mean), `reward_std` (mean within-group std), per-function mean/std, zero-std groups."""
     rewards = [s["reward"] for s in scores]
     groups = [rewards[i : i + group_size] for i in range(0, len(rewards), group_size)]
-    group_stds = [statistics.pstdev(g) if len(g) > 1 else 0.0 for g in groups]
+    group_stds = [_std(g) for g in groups]
     metrics = {
         "reward": statistics.fmean(rewards),
         "reward_std": statistics.fmean(group_stds),
@@ -91,7 +103,7 @@ def reward_metrics(scores: Sequence[dict[str, float]], group_size: int) -> dict[
     for fn in sorted(k for k in scores[0] if k != "reward"):
         values = [s[fn] for s in scores]
         metrics[f"rewards/{fn}/mean"] = statistics.fmean(values)
-        metrics[f"rewards/{fn}/std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
+        metrics[f"rewards/{fn}/std"] = _std(values)
     return metrics
 
 

@@ -8,6 +8,8 @@ from typing import Optional
 from rlrun.schema import checked
 from rlrun.tracking.config import JobLogExtrasConfig
 
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo")  # TRL's names; see rlrun/trainer/loss.py
+
 
 @dataclass
 class TrainerConfig:
@@ -16,6 +18,8 @@ class TrainerConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     kl_coef: float = checked(0.0, ge=0)
+    loss_type: str = checked("dapo", one_of=LOSS_TYPES)  # TRL's names: grpo, bnpo, dr_grpo, dapo, gspo, cispo
+    mask_truncated_completions: bool = False  # no loss on completions cut off at max_tokens (DAPO, TRL)
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.28
     device: str = checked("cpu", one_of=("cpu", "cuda"))  # ranks use gloo on cpu, nccl on cuda

@@ -6,7 +6,7 @@ Per step `n` (from 1, or from the newest checkpoint + 1), in `Trainer.step`:
    each rank takes its rows (`i % world == rank`);
 2. forward and backward (`step.forward_backward`): `log_softmax(logits / temperature)` of
    every completion token, the same distribution the sampler recorded in `old_logprobs`,
-   the loss (`loss.grpo_loss`) and its gradient (DDP averages it across ranks);
+   the loss (`loss.py`, `trainer.loss_type`) and its gradient (DDP averages it across ranks);
 3. clip the gradient norm and take an AdamW step;
 4. rank 0 writes `weights/step_<n>/` for inference and, every `trainer.checkpoint_interval`
    steps and at the last, `checkpoints/step_<n>/` (`checkpoint.py`);
@@ -111,6 +111,7 @@ class Trainer:
             stats = forward_backward(
                 self.model, batch, meta["temperature"], tcfg.clip_eps_low, tcfg.clip_eps_high, tcfg.kl_coef,
                 self.ref_model, tcfg.micro_batch_size, loss_tokens=max(tokens_per_rank, 1.0), token_values=token_values,
+                loss_type=tcfg.loss_type, max_tokens=self.cfg.orchestrator.max_tokens,
             )  # fmt: skip
         with tracker.timer("optimizer_step") as opt_step:
             grad_norm = self._optimizer_step(step)
@@ -150,6 +151,8 @@ class Trainer:
         if any_rank(bool(stop), ranks):  # every rank stops at the same point
             raise StopRequested(f"stopped by signal {stop.signal} while waiting for step {step}")
         tensors, meta = read_batch(self.run_dir, step)
+        if self.tcfg.mask_truncated_completions and "truncated" in tensors:  # TRL's: no loss on cut-off completions
+            tensors["loss_mask"] = tensors["loss_mask"] * (1.0 - tensors["truncated"])[:, None]
         rows = tensors["input_ids"].shape[0]
         if rows < ranks.world:
             raise ValueError(f"rollouts/step_{step} has {rows} rows, fewer than the {ranks.world} trainer ranks")

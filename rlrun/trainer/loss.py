@@ -1,16 +1,25 @@
-"""The GRPO loss: a clipped importance ratio per token (DAPO's asymmetric clip), plus KL.
+"""The policy-gradient loss: TRL's GRPO loss types, with the math visible.
 
-For each completion token t of sequence i, with A_i the sequence's group-relative advantage:
+For each completion token t of sequence i, with A_i the sequence's advantage:
 
     ratio_t  = pi_theta(t) / pi_old(t) = exp(logprob_t - old_logprob_t)
     loss_t   = -min(ratio_t * A_i, clip(ratio_t, 1 - eps_low, 1 + eps_high) * A_i)
              + kl_coef * (exp(ref_t - logprob_t) - (ref_t - logprob_t) - 1)   # k3 estimator
-    loss     = sum_t loss_t * mask_t / sum_t mask_t                          # token-level mean
 
-The clip stats follow TRL's GRPO trainer: `low` counts tokens whose ratio fell below
-1 - eps_low where A < 0 (the update would push them further down and is clipped), `high`
-tokens above 1 + eps_high where A > 0, `region` either; each is a fraction of the masked
-tokens.
+`trainer.loss_type` (TRL's names and semantics) changes two things:
+
+- the ratio: `gspo` uses one ratio per sequence, exp(mean_t log ratio_t) (TRL's
+  `importance_sampling_level="sequence"`); `cispo` drops the min/clip and weighs the
+  log-probability by the truncated ratio, loss_t = -sg(min(ratio_t, 1 + eps_high)) * A_i * logprob_t
+  (CISPO's upper truncation; our eps is relative to 1, as for the other types);
+- how token losses become one number (`reduce_loss` over a micro-batch, divided by `normalizer`):
+  `dapo` and `cispo` sum / tokens of the whole batch (every rank), `bnpo` sum / this rank's
+  tokens, `grpo` and `gspo` the mean over sequences of each sequence's token mean, `dr_grpo`
+  sum / (sequences * max completion length).
+
+The clip stats follow TRL: `low` counts tokens whose ratio fell below 1 - eps_low where A < 0
+(the update would push them further down and is clipped), `high` tokens above 1 + eps_high
+where A > 0, `region` either; each a fraction of the masked tokens.
 
 `token_values`, when given (a dict of lists, only on steps that log distributions), gets
 the masked tokens' `importance_ratio` and `per_token_loss` appended as detached 1-D
@@ -20,6 +29,95 @@ tensors; without it nothing more is kept than the scalars.
 from __future__ import annotations
 
 import torch
+
+from rlrun.trainer.config import LOSS_TYPES
+PER_SEQUENCE = ("grpo", "gspo")  # token means per sequence, then a mean over sequences
+
+
+def per_token_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    loss_type: str = "dapo",
+    clip_eps_low: float = 0.2,
+    clip_eps_high: float = 0.28,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    token_values: dict[str, list[torch.Tensor]] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Each token's loss [B, T] (0 outside `loss_mask`) and detached stats; advantages [B].
+
+    `ref_logprobs` adds `kl_coef` times the k3 KL to the reference and a `kl` stat.
+    Positions outside `loss_mask` contribute nothing, not even NaN from padding logits.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r}: must be one of {LOSS_TYPES}")
+    mask = loss_mask > 0
+    num_tokens = mask.sum().clamp(min=1)
+
+    def masked_mean(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask, x, 0.0).sum() / num_tokens
+
+    adv = advantages[:, None].to(logprobs.dtype)  # [B, 1]: every token of a sequence shares its advantage
+    log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
+    if loss_type == "gspo":  # one ratio per sequence: the geometric mean of its tokens' ratios
+        log_ratio = (log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)).expand_as(logprobs)
+    ratio = torch.exp(log_ratio)  # [B, T]
+    if loss_type == "cispo":
+        per_token = -torch.clamp(ratio, max=1.0 + clip_eps_high).detach() * adv * logprobs
+    else:
+        unclipped = ratio * adv
+        clipped = torch.clamp(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high) * adv
+        per_token = -torch.min(unclipped, clipped)  # pessimistic: no gain from moving past the clip
+
+    stats: dict[str, torch.Tensor] = {}
+    if ref_logprobs is not None:
+        log_ref_ratio = torch.where(mask, ref_logprobs - logprobs, 0.0)
+        kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1.0  # k3: unbiased, always >= 0
+        per_token = per_token + kl_coef * kl
+        stats["kl"] = masked_mean(kl).detach()
+    per_token = torch.where(mask, per_token, 0.0)
+
+    with torch.no_grad():
+        low = (ratio < 1.0 - clip_eps_low) & (adv < 0) if loss_type != "cispo" else torch.zeros_like(mask)
+        high = (ratio > 1.0 + clip_eps_high) & ((adv > 0) if loss_type != "cispo" else True)
+        low_frac, high_frac = masked_mean(low.float()), masked_mean(high.float())
+        # This rank's fractions; the tracker's cross-rank reduction makes them mean / min / max.
+        stats["clip_ratio/low_mean"] = low_frac
+        stats["clip_ratio/low_min"] = low_frac
+        stats["clip_ratio/high_mean"] = high_frac
+        stats["clip_ratio/high_max"] = high_frac
+        stats["clip_ratio/region_mean"] = masked_mean((low | high).float())
+        if token_values is not None:
+            token_values.setdefault("importance_ratio", []).append(ratio[mask])
+            token_values.setdefault("per_token_loss", []).append(per_token.detach()[mask])
+    return per_token, stats
+
+
+def reduce_loss(per_token: torch.Tensor, loss_mask: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """The micro-batch's share of the loss before `normalizer`: a sum of token losses, or for
+    `grpo`/`gspo` a sum over sequences of each sequence's token mean."""
+    if loss_type in PER_SEQUENCE:
+        return (per_token.sum(-1) / (loss_mask > 0).sum(-1).clamp(min=1)).sum()
+    return per_token.sum()
+
+
+def normalizer(loss_type: str, *, batch_tokens: float, rank_tokens: float, rank_rows: int, max_tokens: int) -> float:
+    """What `reduce_loss` is divided by so that one rank's micro-batches add up to its loss.
+
+    `batch_tokens`: the whole batch's tokens divided by the number of ranks (DDP then averages
+    the ranks' gradients, so `dapo` is the token mean of the whole batch, as in one process).
+    """
+    if loss_type in ("dapo", "cispo"):
+        return max(batch_tokens, 1.0)
+    if loss_type == "bnpo":
+        return max(rank_tokens, 1.0)
+    if loss_type in PER_SEQUENCE:
+        return max(rank_rows, 1)
+    if loss_type == "dr_grpo":
+        return max(rank_rows, 1) * max_tokens
+    raise ValueError(f"loss_type={loss_type!r}: must be one of {LOSS_TYPES}")
 
 
 def grpo_loss(
@@ -32,45 +130,17 @@ def grpo_loss(
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     token_values: dict[str, list[torch.Tensor]] | None = None,
+    loss_type: str = "dapo",
+    max_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss to minimise (a scalar) and detached stats; logprobs/masks [B, T], advantages [B].
+    """The loss of one batch on its own (a scalar to minimise) and detached stats.
 
-    `ref_logprobs` adds `kl_coef` times the k3 KL to the reference and a `kl` stat.
-    Positions outside `loss_mask` contribute nothing, not even NaN from padding logits.
+    `max_tokens` (the longest completion allowed) is needed by `dr_grpo` only; it defaults to
+    the batch's width.
     """
-    mask = loss_mask > 0
-    num_tokens = mask.sum().clamp(min=1)
-
-    def masked_mean(x: torch.Tensor) -> torch.Tensor:
-        return torch.where(mask, x, 0.0).sum() / num_tokens
-
-    adv = advantages[:, None].to(logprobs.dtype)  # [B, 1]: every token of a sequence shares its advantage
-    log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
-    ratio = torch.exp(log_ratio)  # [B, T]
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high) * adv
-    per_token = -torch.min(unclipped, clipped)  # pessimistic: no gain from moving past the clip
-
-    stats: dict[str, torch.Tensor] = {}
-    if ref_logprobs is not None:
-        log_ref_ratio = torch.where(mask, ref_logprobs - logprobs, 0.0)
-        kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1.0  # k3: unbiased, always >= 0
-        per_token = per_token + kl_coef * kl
-        stats["kl"] = masked_mean(kl).detach()
-
-    loss = masked_mean(per_token)
-
-    with torch.no_grad():
-        low = (ratio < 1.0 - clip_eps_low) & (adv < 0)
-        high = (ratio > 1.0 + clip_eps_high) & (adv > 0)
-        low_frac, high_frac = masked_mean(low.float()), masked_mean(high.float())
-        # This rank's fractions; the tracker's cross-rank reduction makes them mean / min / max.
-        stats["clip_ratio/low_mean"] = low_frac
-        stats["clip_ratio/low_min"] = low_frac
-        stats["clip_ratio/high_mean"] = high_frac
-        stats["clip_ratio/high_max"] = high_frac
-        stats["clip_ratio/region_mean"] = masked_mean((low | high).float())
-        if token_values is not None:
-            token_values.setdefault("importance_ratio", []).append(ratio[mask])
-            token_values.setdefault("per_token_loss", []).append(per_token.detach()[mask])
-    return loss, stats
+    per_token, stats = per_token_loss(logprobs, old_logprobs, advantages, loss_mask, loss_type, clip_eps_low,
+                                      clip_eps_high, ref_logprobs, kl_coef, token_values)  # fmt: skip
+    tokens = float((loss_mask > 0).sum())
+    denominator = normalizer(loss_type, batch_tokens=tokens, rank_tokens=tokens, rank_rows=logprobs.shape[0],
+                             max_tokens=max_tokens or logprobs.shape[1])  # fmt: skip
+    return reduce_loss(per_token, loss_mask, loss_type) / denominator, stats

@@ -6,7 +6,7 @@ from contextlib import nullcontext
 
 import torch
 
-from rlrun.trainer.loss import grpo_loss
+from rlrun.trainer.loss import normalizer, per_token_loss, reduce_loss
 
 
 def token_logprobs(
@@ -36,14 +36,17 @@ def forward_backward(
     micro_batch_size: int | None = None,
     loss_tokens: float | None = None,
     token_values: dict[str, list[torch.Tensor]] | None = None,
+    loss_type: str = "dapo",
+    max_tokens: int | None = None,
 ) -> dict[str, float]:
     """Accumulate the gradient of this rank's rows' loss; its stats (token means over the rows).
 
-    The loss is a sum over tokens divided by `loss_tokens` (default: this rank's token
-    count). With several ranks, pass the mean count per rank (total / world): DDP averages
-    gradients over ranks, so the gradient is then the token mean over the whole batch,
-    exactly as in one process. Micro-batches weigh their token means by their share of the
-    tokens, so they change nothing but memory; DDP syncs gradients on the last one only.
+    The loss is `loss.reduce_loss` over each micro-batch divided by `loss.normalizer`, whose
+    denominators are this rank's whole batch: micro-batches change nothing but memory, and
+    DDP syncs gradients on the last one only. For `dapo` / `cispo` pass `loss_tokens`, the
+    mean token count per rank (total / world; default: this rank's): DDP averages gradients
+    over ranks, so the gradient is then the token mean over the whole batch, exactly as in
+    one process. `max_tokens` (the longest completion allowed) is what `dr_grpo` divides by.
 
     `token_values` (pass `{}` on steps that log distributions, else None): gets the masked
     tokens' `entropy`, `importance_ratio` and `per_token_loss` appended per micro-batch as
@@ -53,7 +56,8 @@ def forward_backward(
     size = micro_batch_size or rows
     starts = list(range(0, rows, size))
     rank_tokens = float(batch["loss_mask"][:, 1:].sum().clamp(min=1))
-    loss_tokens = loss_tokens or rank_tokens
+    denominator = normalizer(loss_type, batch_tokens=loss_tokens or rank_tokens, rank_tokens=rank_tokens,
+                             rank_rows=rows, max_tokens=max_tokens or batch["input_ids"].shape[1])  # fmt: skip
     sums: dict[str, float] = {}
     for i, start in enumerate(starts):
         mb = {k: v[start : start + size] for k, v in batch.items()}
@@ -65,14 +69,15 @@ def forward_backward(
             if ref_model is not None:
                 with torch.no_grad():
                     ref_logprobs, _ = token_logprobs(ref_model, mb["input_ids"], mb["attention_mask"], temperature)
-            loss, stats = grpo_loss(
-                logprobs, mb["old_logprobs"][:, 1:], mb["advantages"], mask,
+            per_token, stats = per_token_loss(
+                logprobs, mb["old_logprobs"][:, 1:], mb["advantages"], mask, loss_type,
                 clip_eps_low, clip_eps_high, ref_logprobs, kl_coef, token_values,
             )  # fmt: skip
-            mb_tokens = float(mask.sum())
-            (loss * (mb_tokens / loss_tokens)).backward()
-        # `loss` as a share of the whole batch's token mean: the mean over ranks is that mean.
-        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * mb_tokens / loss_tokens
+            loss = reduce_loss(per_token, mask, loss_type) / denominator
+            loss.backward()
+        mb_tokens = float(mask.sum())
+        # This micro-batch's share of the rank's loss: the mean over ranks is the batch's loss.
+        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
         stats["entropy"] = (entropy * mask).sum() / mask.sum().clamp(min=1)
         if token_values is not None:
             token_values.setdefault("entropy", []).append(entropy[mask > 0])
