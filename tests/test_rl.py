@@ -73,7 +73,7 @@ def test_default_run_improves_the_policy_and_leaves_the_whole_record(tmp_path):
     orchestrator, trainer = metrics(run_dir, "orchestrator"), metrics(run_dir, "trainer")
     assert [r["step"] for r in orchestrator] == list(range(1, max_steps + 1))
     assert [r["step"] for r in trainer] == list(range(1, max_steps + 1))
-    for name in ("reward", "reward_std", "rewards/lcs/mean", "rewards/lcs/std", "frac_reward_zero_std",
+    for name in ("reward", "reward_std", "rewards/lcs/mean", "rewards/lcs/std", "rewards/exact/mean", "frac_reward_zero_std",
                  "completions/mean_length", "completions/min_length", "completions/max_length",
                  "completions/clipped_ratio", "completions/mean_terminated_length", "num_tokens", "tokens/s",
                  "time/generate", "time/score", "time/update_weights", "time/wait_for_weights"):  # fmt: skip
@@ -89,7 +89,8 @@ def test_default_run_improves_the_policy_and_leaves_the_whole_record(tmp_path):
     assert last - first >= 0.2, f"reward {first:.3f} -> {last:.3f}"
     final_eval = orchestrator[-1]["metrics"]
     eos_share = 1 - final_eval["eval/completions/clipped_ratio"]
-    summary = f"held-out eval at step {max_steps}: reward {final_eval['eval/reward']:.3f}, ended with EOS {eos_share:.0%}"
+    summary = (f"held-out eval at step {max_steps}: reward {final_eval['eval/reward']:.3f}, "
+               f"exact-match {final_eval['eval/rewards/exact/mean']:.3f}, ended with EOS {eos_share:.0%}")
     assert "mean reward" in (rl_log := (run_dir / "logs" / "rl.log").read_text()) and summary in rl_log, rl_log[-2000:]
     log = (run_dir / "logs" / "orchestrator.log").read_text()
     assert f"eval at step {max_steps} (weights v{max_steps})" in log, "the final evaluation scores the final weights"

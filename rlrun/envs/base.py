@@ -45,6 +45,9 @@ class Example:
 class Environment(ABC):
     name: str = ""
     reward_fns: dict[str, RewardFn]
+    # Weights of reward functions that are not 1 unless `task.reward_weights` says otherwise
+    # (0: reported as `rewards/<fn>/*`, not part of `reward`).
+    default_reward_weights: dict[str, float] = {}
 
     def __init__(self, cfg: Any):
         """`cfg` is the `task` config node (rlrun.config.TaskConfig)."""
@@ -64,7 +67,8 @@ class Environment(ABC):
             raise ValueError(f"task.reward_weights names unknown reward functions {sorted(unknown)}; "
                              f"{self.name} has {sorted(self.reward_fns)}")
         scores = {name: float(fn(completion, example)) for name, fn in self.reward_fns.items()}
-        scores["reward"] = sum(self.reward_weights.get(name, 1.0) * value for name, value in scores.items())
+        weights = {**self.default_reward_weights, **self.reward_weights}
+        scores["reward"] = sum(weights.get(name, 1.0) * value for name, value in scores.items())
         return scores
 
     @property

@@ -3,7 +3,10 @@
 Prompt: the string followed by `=`, e.g. `"abcd="`; answer: `"dcba"`; a perfect completion
 is `dcba</s>`. Reward `lcs`: the longest-common-subsequence ratio
 `2 * LCS(answer, completion) / (len(answer) + len(completion))`, in [0, 1]: 1 for the exact
-reverse, 0 for an empty completion or one sharing no character in order.
+reverse, 0 for an empty completion or one sharing no character in order. `exact`: 1 when the
+completion, up to its end-of-sequence, is the reverse and nothing else; reported as
+`rewards/exact/*` and weighted 0 in `reward` unless `task.reward_weights.exact` says otherwise.
+Both see the completion as emitted (special tokens as text), cut at the first EOS.
 """
 
 from __future__ import annotations
@@ -36,12 +39,13 @@ def lcs_ratio(answer: str, completion: str) -> float:
 
 class ReverseText(Environment):
     name = "reverse_text"
+    default_reward_weights = {"exact": 0.0}
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.alphabet = str(cfg.alphabet)
         self.min_chars, self.max_chars = int(cfg.min_chars), int(cfg.max_chars)
-        self.reward_fns = {"lcs": self.lcs}
+        self.reward_fns = {"lcs": self.lcs, "exact": self.exact}
         # Trailing whitespace is noise unless the alphabet itself has it.
         self._strip = "".join(c for c in string.whitespace if c not in self.alphabet)
         self._eval = self._make_eval_set(int(cfg.num_eval_prompts))
@@ -63,9 +67,16 @@ class ReverseText(Environment):
         return examples
 
     def lcs(self, completion: str, example: Example) -> float:
+        return lcs_ratio(example.answer, self._content(completion))
+
+    def exact(self, completion: str, example: Example) -> float:
+        return float(self._content(completion) == example.answer)
+
+    def _content(self, completion: str) -> str:
+        """The completion up to its end of sequence (nothing after it counts), less trailing noise."""
         for eos in _EOS_TEXTS:
-            completion = completion.split(eos, 1)[0]  # nothing after an end-of-sequence counts
-        return lcs_ratio(example.answer, completion.rstrip(self._strip))
+            completion = completion.split(eos, 1)[0]
+        return completion.rstrip(self._strip)
 
     def _random_text(self, rng: random.Random) -> str:
         length = rng.randint(self.min_chars, self.max_chars)

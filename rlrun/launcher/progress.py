@@ -63,6 +63,8 @@ class RunProgress:
         if self.last_eval is not None:
             step, ev = self.last_eval
             text += f"; held-out eval at step {step}: reward {ev['eval/reward']:.3f}"
+            if "eval/rewards/exact/mean" in ev:  # tasks with an exact-match reward function
+                text += f", exact-match {ev['eval/rewards/exact/mean']:.3f}"
             if "eval/completions/clipped_ratio" in ev:
                 text += f", ended with EOS {1 - ev['eval/completions/clipped_ratio']:.0%}"
         return text
