@@ -24,6 +24,7 @@ from rlrun.inference.config import InferenceConfig
 from rlrun.launcher.config import MonitorConfig
 from rlrun.orchestrator.config import OrchestratorConfig
 from rlrun.schema import ConfigError, check_fields, checked
+from rlrun.sft.config import SftConfig
 from rlrun.tracking.config import (
     DeliveryConfig,
     LogExtrasConfig,
@@ -37,7 +38,7 @@ from rlrun.trainer.config import TrainerConfig
 __all__ = [
     "CONF_DIR", "ConfigError", "DeliveryConfig", "EnvWorkersConfig", "InferenceConfig", "LogExtrasConfig",
     "LoggerConfig", "MlflowLoggerConfig", "ModelConfig", "MonitorConfig", "OrchestratorConfig", "RunConfig",
-    "TaskConfig", "TensorboardLoggerConfig", "TrainerConfig", "WandbLoggerConfig", "load_run_config",
+    "SftConfig", "TaskConfig", "TensorboardLoggerConfig", "TrainerConfig", "WandbLoggerConfig", "load_run_config",
     "register", "validate",
 ]  # fmt: skip
 
@@ -72,6 +73,7 @@ class RunConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)  # each backend merges its own schema
     orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
     env_workers: EnvWorkersConfig = field(default_factory=EnvWorkersConfig)
     log_extras: LogExtrasConfig = field(default_factory=LogExtrasConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
@@ -121,6 +123,8 @@ def validate(cfg: DictConfig) -> None:
     check_fields(cfg)
     if cfg.task.max_chars < cfg.task.min_chars:
         raise ConfigError(f"task.max_chars={cfg.task.max_chars}: must be >= task.min_chars ({cfg.task.min_chars})")
+    if cfg.sft.data is not None and not Path(cfg.sft.data).expanduser().is_file():
+        raise ConfigError(f"sft.data={cfg.sft.data!r}: no such file (a jsonl of prompt/completion pairs)")
     if cfg.model.name == "hf":
         path = cfg.model.path
         if not path:

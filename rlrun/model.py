@@ -119,6 +119,15 @@ def resolve_model_path(cfg: "ModelConfig", run_dir: str | Path, seed: int, alpha
 # ---------------------------------------------------------------- loading any causal LM
 
 
+def policy_path(cfg: Any, run_dir: str | Path) -> Path:
+    """The policy RL samples and trains: the SFT stage's output when the run has one, else the model."""
+    if cfg.sft.max_steps > 0:
+        from rlrun.sft import sft_model_dir
+
+        return sft_model_dir(run_dir)
+    return resolve_model_path(cfg.model, run_dir, cfg.seed)
+
+
 def _looks_local(path: str) -> bool:
     """A hub id is `name` or `org/name`; anything else (absolute, ./, ~, deeper) is a directory."""
     return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1

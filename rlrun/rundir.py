@@ -25,10 +25,10 @@ _STAGING = re.compile(r"^\.step_\d+\.(?:tmp|old)-(\d+)$")
 
 
 def job_log(run_dir: str | Path, job: str, rank: int = 0) -> Path:
-    """The text log of a job: logs/<job>.log, logs/trainer/rank_<N>.log, logs/inference.stdout."""
+    """The text log of a job: logs/<job>.log, logs/{trainer,sft}/rank_<N>.log, logs/inference.stdout."""
     logs = Path(run_dir) / "logs"
-    if job == "trainer":
-        return logs / "trainer" / f"rank_{rank}.log"
+    if job in ("trainer", "sft"):  # jobs with ranks: a file each
+        return logs / job / f"rank_{rank}.log"
     if job == "inference":
         return logs / "inference.stdout"
     return logs / f"{job}.log"

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from rlrun.inference.engine import Engine
     from rlrun.inference.server import InferenceServer
-    from rlrun.model import load_model, resolve_model_path
+    from rlrun.model import load_model, policy_path
 
     torch.set_num_threads(cfg.inference.num_threads)
     random.seed(cfg.seed)
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         model_path: str | Path = args.model_path
     else:
         run_dir = Path(cfg.output_dir) if cfg.output_dir else Path(args.config).resolve().parent
-        model_path = resolve_model_path(cfg.model, run_dir, cfg.seed)
+        model_path = policy_path(cfg, run_dir)
     log.info(f"loading model from {model_path}")
     model, tokenizer = load_model(
         model_path, dtype=cfg.model.dtype, device=cfg.inference.device, trust_remote_code=cfg.model.trust_remote_code

@@ -174,11 +174,11 @@ def vllm_launch(cfg: Any, run_dir: str | Path) -> Launch:
     preflight()
     if not cfg.inference.port:
         raise ValueError("inference.port must be chosen before building the vLLM command (see launch.choose_port)")
-    from rlrun.model import resolve_model_path  # the tiny model is already built by now
+    from rlrun.model import policy_path  # built by now (the tiny model, the SFT stage's output)
 
     trainer_ranks = int(cfg.trainer.num_ranks) if cfg.trainer.device == "cuda" else 0
     inference_gpus, trainer_gpus = split_gpus(visible_gpus(), int(cfg.inference.tensor_parallel_size), trainer_ranks)
-    model_path = resolve_model_path(cfg.model, run_dir, cfg.seed)
+    model_path = policy_path(cfg, run_dir)
     server = [sys.executable, "-m", SERVER_MODULE, *server_args(cfg, model_path, int(cfg.inference.port))]
     trainer_env = {"CUDA_VISIBLE_DEVICES": ",".join(trainer_gpus)} if trainer_ranks else {}
     return Launch(server, env=server_env(inference_gpus), trainer_env=trainer_env)

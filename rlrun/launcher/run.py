@@ -1,7 +1,8 @@
 """`rlrun.launcher.run`: check the config, prepare the run, start the jobs, watch them, stop them.
 
 It only starts, watches and stops (as prime-rl's `rl` launcher does): the jobs do the work
-and talk through the run directory. All three start at once (orchestrator and trainer
+and talk through the run directory. With `sft.max_steps > 0` the SFT job runs first, alone
+(RL starts from the policy it leaves). Then inference, orchestrator and trainer start at once (orchestrator and trainer
 import torch while inference loads the model); the parent waits for inference's `/health`
 so that a server that cannot start is reported as such. The run is done when orchestrator
 and trainer exit 0; when any job fails, every job is stopped and the parent exits 1.
@@ -23,6 +24,7 @@ from rlrun.launcher import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
 from rlrun.launcher.prepare import prepare_dir, settle
 from rlrun.launcher.supervisor import Job, JobFailed, Supervisor, python_module, torchrun
 from rlrun.redact import secrets_env
+from rlrun.sft import sft_model_dir
 from rlrun.rundir import job_log
 
 
@@ -68,10 +70,16 @@ def _start_and_watch(cfg: DictConfig, run_dir: Path, launch: Any, log: Any) -> i
     progress = monitor = None
     code = EXIT_OK
     try:
-        sup.start(_job(run_dir, "inference", launch.command, {**env, **launch.env}))
         monitor = start_monitor(cfg, run_dir, sup.running_pids, warn=log.warning)  # from the first job on
+        if cfg.sft.max_steps > 0 and not (sft_model_dir(run_dir) / "config.json").is_file():
+            sup.start(_job(run_dir, "sft", _ranked_command("rlrun.sft", cfg.sft.num_ranks, config), env))
+            if not sup.wait({"sft"}, should_stop=lambda: bool(stop)):
+                raise KeyboardInterrupt  # a stop requested during the SFT stage
+            log.info(f"sft stage finished ({cfg.sft.max_steps} steps); RL starts from {sft_model_dir(run_dir)}")
+        sup.start(_job(run_dir, "inference", launch.command, {**env, **launch.env}))
         sup.start(_job(run_dir, "orchestrator", python_module("rlrun.orchestrator", *config), env))
-        sup.start(_job(run_dir, "trainer", _trainer_command(cfg, config), {**env, **launch.trainer_env}))
+        trainer = _ranked_command("rlrun.trainer", cfg.trainer.num_ranks, config)
+        sup.start(_job(run_dir, "trainer", trainer, {**env, **launch.trainer_env}))
         _wait_serving(cfg, sup, stop)
         log.info(f"inference is serving on {cfg.inference.host}:{cfg.inference.port}")
 
@@ -105,10 +113,10 @@ def _start_and_watch(cfg: DictConfig, run_dir: Path, launch: Any, log: Any) -> i
     return code
 
 
-def _trainer_command(cfg: DictConfig, config: list[str]) -> list[str]:
-    if cfg.trainer.num_ranks > 1:  # ranks under torchrun
-        return torchrun("rlrun.trainer", cfg.trainer.num_ranks, *config)
-    return python_module("rlrun.trainer", *config)
+def _ranked_command(module: str, num_ranks: int, config: list[str]) -> list[str]:
+    if num_ranks > 1:  # ranks under torchrun
+        return torchrun(module, num_ranks, *config)
+    return python_module(module, *config)
 
 
 def _job(run_dir: Path, name: str, cmd: list[str], env: dict[str, str]) -> Job:

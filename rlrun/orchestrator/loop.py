@@ -32,7 +32,7 @@ class Orchestrator:
         from rlrun.envs.workers import EnvWorkerPool
         from rlrun.inference.client import InferenceClient
         from rlrun.log import get_logger
-        from rlrun.model import load_tokenizer, resolve_model_path
+        from rlrun.model import load_tokenizer, policy_path
         from rlrun.orchestrator.eval import Evaluator
         from rlrun.tracking import Tracker
         from rlrun.tracking.record import read_metrics
@@ -40,7 +40,7 @@ class Orchestrator:
         self.cfg, self.ocfg, self.run_dir, self.stop = cfg, cfg.orchestrator, run_dir, stop
         self.xcfg = self.ocfg.log_extras  # this job's log_extras (the top-level group unless overridden)
         self.log = get_logger()
-        self.tokenizer = load_tokenizer(resolve_model_path(cfg.model, run_dir, cfg.seed), cfg.model.trust_remote_code)
+        self.tokenizer = load_tokenizer(policy_path(cfg, run_dir), cfg.model.trust_remote_code)
         self.env = load_environment(cfg.task)
         self.evaluator = None  # the held-out prompts, tokenized once
         if self.ocfg.eval_interval > 0:

@@ -46,7 +46,7 @@ class Trainer:
 
     def __init__(self, cfg: Any, run_dir: Path, stop: StopFlag, ranks: Ranks) -> None:
         from rlrun.log import get_logger
-        from rlrun.model import load_model, resolve_model_path
+        from rlrun.model import load_model, policy_path, resolve_model_path
         from rlrun.tracking import Tracker
 
         self.cfg, self.tcfg, self.run_dir, self.stop, self.ranks = cfg, cfg.trainer, run_dir, stop, ranks
@@ -54,9 +54,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         # Rank 0 first: with model=tiny it builds <run>/model when the parent has not.
         if ranks.rank == 0:
-            self.model_path = resolve_model_path(cfg.model, run_dir, cfg.seed)
+            resolve_model_path(cfg.model, run_dir, cfg.seed)
         barrier(ranks)
-        self.model_path = resolve_model_path(cfg.model, run_dir, cfg.seed)
+        self.model_path = policy_path(cfg, run_dir)  # the SFT stage's output when the run has one
 
         def load() -> torch.nn.Module:
             return load_model(self.model_path, cfg.model.dtype, str(ranks.device), cfg.model.trust_remote_code)[0]

@@ -1,0 +1,69 @@
+"""SFT pairs as token ids: the task's prompts with their reference answers, or a jsonl file.
+
+A completion is trained on up to and including EOS, so the policy learns where to stop.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlrun.model import encode_prompt
+
+
+def tokenize_pair(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    """(prompt ids as sampling sees them, completion ids + EOS)."""
+    ids = tokenizer.encode(completion, add_special_tokens=False)
+    return encode_prompt(tokenizer, prompt), [*ids, int(tokenizer.eos_token_id)]
+
+
+def read_jsonl_pairs(path: str | Path) -> list[tuple[str, str]]:
+    """Every `{"prompt": ..., "completion": ...}` line of a jsonl file; a bad line is an error naming it."""
+    pairs = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            pairs.append((str(record["prompt"]), str(record["completion"])))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}:{number}: not a {{'prompt', 'completion'}} record ({exc})") from None
+    if not pairs:
+        raise ValueError(f"{path}: no prompt/completion pairs")
+    return pairs
+
+
+def batches(env: Any, data: str | None, batch_size: int, seed: int) -> Iterator[list[tuple[str, str]]]:
+    """Endless batches of (prompt, completion): fresh task examples, or the file's pairs shuffled per epoch."""
+    rng = random.Random(f"{seed}/sft")
+    if data is None:
+        while True:
+            yield [(ex.prompt, ex.answer) for ex in env.sample(rng, batch_size)]
+    pairs = read_jsonl_pairs(data)
+    order: list[int] = []
+    while True:
+        batch = []
+        while len(batch) < batch_size:
+            if not order:
+                order = rng.sample(range(len(pairs)), len(pairs))
+            batch.append(pairs[order.pop()])
+        yield batch
+
+
+def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids`, `attention_mask` and `loss_mask` (1 on completion tokens)."""
+    width = max(len(p) + len(c) for p, c in pairs)
+    input_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(pairs), width), dtype=torch.float32)
+    for i, (prompt, completion) in enumerate(pairs):
+        p, c = len(prompt), len(completion)
+        input_ids[i, : p + c] = torch.tensor([*prompt, *completion])
+        attention_mask[i, : p + c] = 1
+        loss_mask[i, p : p + c] = 1.0
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
