@@ -68,6 +68,7 @@ def test_sft_stage_runs_first_and_rl_starts_from_its_weights(tmp_path):
     assert rl_log.index("sft stage finished") < rl_log.index("started inference"), "SFT first, then RL"
     trainer_log = (run_dir / "logs" / "trainer" / "rank_0.log").read_text()
     assert f"{run_dir / 'sft' / 'model'}, steps 1..2" in trainer_log, "RL trains the SFT stage's policy"
+    assert f"optimizer state from {run_dir / 'sft' / 'model' / 'optimizer.pt'} (lr 0.003)" in trainer_log
     assert [r["step"] for r in metrics(run_dir, "trainer")] == [1, 2]
 
     again = run_app(run_dir, f"resume_from={run_dir}", "sft.max_steps=40", "max_steps=3", timeout=240)

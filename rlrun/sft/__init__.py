@@ -12,6 +12,8 @@ Importing this package imports nothing heavy (no torch).
 
 from pathlib import Path
 
+SFT_OPTIMIZER_FILE = "optimizer.pt"  # AdamW's state at the end of SFT, beside the model
+
 
 def sft_model_dir(run_dir: str | Path) -> Path:
     """Where the SFT stage leaves the policy (the model RL then starts from)."""

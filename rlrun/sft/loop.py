@@ -5,8 +5,8 @@ keeps its rows, `i % world == rank`), compute the token-mean cross-entropy of th
 tokens over the whole batch (DDP averages the ranks' gradients), clip and step, log `loss`,
 `grad_norm`, `lr`, `num_loss_tokens` (this step's), `num_tokens` (cumulative) and `tokens/s`; every `sft.eval_interval` steps
 and at the last, greedy completions of the task's held-out prompts (`eval/*`, the same
-evaluation the orchestrator runs). At the end rank 0 writes `<run>/sft/model` (weights and
-tokenizer, atomically): the policy RL starts from.
+evaluation the orchestrator runs). At the end rank 0 writes `<run>/sft/model` (weights,
+tokenizer and the optimizer's state, atomically): the policy RL starts from.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from rlrun.job import StopFlag, StopRequested
-from rlrun.sft import sft_model_dir
+from rlrun.sft import SFT_OPTIMIZER_FILE, sft_model_dir
 from rlrun.trainer.dist import Ranks, any_rank, barrier, sum_ranks
 
 
@@ -156,5 +156,6 @@ class SftTrainer:
         tmp = staging_dir(out)
         getattr(self.model, "module", self.model).save_pretrained(tmp)
         self.tokenizer.save_pretrained(tmp)
+        torch.save(self.optimizer.state_dict(), tmp / SFT_OPTIMIZER_FILE)  # RL may go on with its moments
         publish_dir(tmp, out)
 

@@ -20,6 +20,7 @@ class TrainerConfig:
     kl_coef: float = checked(0.0, ge=0)
     loss_type: str = checked("dapo", one_of=LOSS_TYPES)  # TRL's names: grpo, bnpo, dr_grpo, dapo, gspo, cispo
     mask_truncated_completions: bool = False  # no loss on completions cut off at max_tokens (DAPO, TRL)
+    optimizer_from_sft: bool = True  # after an SFT stage, go on with its AdamW state (at trainer.lr)
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.28
     device: str = checked("cpu", one_of=("cpu", "cuda"))  # ranks use gloo on cpu, nccl on cuda

@@ -65,6 +65,8 @@ class Trainer:
         self.ref_model = load().requires_grad_(False) if self.tcfg.kl_coef > 0 else None
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.tcfg.lr, weight_decay=self.tcfg.weight_decay)
         state = load_checkpoint(run_dir, self.model, self.optimizer, ranks.device) or {}
+        if not state and self.tcfg.optimizer_from_sft:
+            self._optimizer_from_sft()
         self.start = int(state.get("step", 0)) + 1
         if ranks.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -170,6 +172,18 @@ class Trainer:
             self.log.warning(f"step {step}: gradient norm is {grad_norm}; skipping the update")
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
+
+    def _optimizer_from_sft(self) -> None:
+        """Go on with the SFT stage's AdamW moments (a fresh state's first steps undo SFT), at RL's lr."""
+        from rlrun.sft import SFT_OPTIMIZER_FILE
+
+        path = Path(self.model_path) / SFT_OPTIMIZER_FILE
+        if not path.is_file():
+            return
+        self.optimizer.load_state_dict(torch.load(path, map_location=self.ranks.device, weights_only=True))
+        for group in self.optimizer.param_groups:
+            group["lr"], group["weight_decay"] = self.tcfg.lr, self.tcfg.weight_decay
+        self.log.info(f"optimizer state from {path} (lr {self.tcfg.lr})")
 
     def _logs_distributions(self, step: int) -> bool:
         return bool(self.xcfg.distributions) and step % self.xcfg.interval == 0
