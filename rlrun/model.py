@@ -188,6 +188,16 @@ def decode_completion(tokenizer, token_ids: list[int]) -> str:
     return tokenizer.decode(token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
+BAN = -100.0  # OpenAI's logit_bias floor: the token's probability underflows to 0
+
+
+def special_token_bias(tokenizer) -> dict[int, float]:
+    """`logit_bias` that keeps a sampler off every special token but EOS (`<pad>`, `<s>`, `<unk>`,
+    chat markers): a policy must not hide padding in its completions."""
+    eos = tokenizer.eos_token_id
+    return {int(i): BAN for i in tokenizer.all_special_ids if i != eos}
+
+
 def eos_token_ids(model, tokenizer) -> set[int]:
     """Every token id that ends a completion (the tokenizer's EOS and the generation config's)."""
     ids = set()

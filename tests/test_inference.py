@@ -198,12 +198,27 @@ def test_completions_api_shapes(server, engine):
         ({"prompt": "ab=", "stream": True}, 400),
         ({"prompt": "ab=", "logprobs": 50}, 400),
         ({"prompt": "ab=", "model": "gpt-9"}, 404),
+        ({"prompt": "ab=", "logit_bias": {"5": -500}}, 400),
+        ({"prompt": "ab=", "logit_bias": {"99999": -100}}, 400),
+        ({"prompt": "ab=", "logit_bias": {"x": -100}}, 400),
     ],
 )
 def test_bad_requests_get_an_error_response(server, body, status):
     response = requests.post(server.url + "/v1/completions", json=body, timeout=30)
     assert response.status_code == status
     assert response.json()["error"]["message"]
+
+
+def test_logit_bias_over_http_bans_tokens(server, engine):
+    """OpenAI's `logit_bias` (what the orchestrator sends to keep off special tokens): -100 bans."""
+    client = InferenceClient(server.url, timeout=60)
+    prompt = encode_prompt(engine.tokenizer, "abc=")
+    free = [c for g in client.complete([prompt], n=32, max_tokens=8, temperature=2.0, seed=3) for c in g]
+    banned = sorted({t for c in free for t in c.token_ids})[:5]  # tokens this policy does sample
+    kept_off = [c for g in client.complete([prompt], n=32, max_tokens=8, temperature=2.0, seed=3,
+                                           logit_bias={t: -100 for t in banned}) for c in g]  # fmt: skip
+    assert banned and not {t for c in kept_off for t in c.token_ids} & set(banned)
+    client.close()
 
 
 def test_malformed_json_and_unknown_route(server):

@@ -10,6 +10,7 @@ distributions at 3 and 6), and `orchestrator.eval_interval=3` (eval at 3 and 6).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,8 @@ from conftest import app_env, records, run_app, wandb_records
 
 ORCHESTRATOR_DISTRIBUTIONS = {"distributions/reward", "distributions/advantage", "distributions/completion_length"}
 TRAINER_DISTRIBUTIONS = {"distributions/entropy", "distributions/importance_ratio", "distributions/per_token_loss"}
-SAMPLE_COLUMNS = ["step", "selected_as", "prompt", "completion", "lcs", "reward", "advantage", "prompt_tokens",
-                  "completion_tokens"]  # fmt: skip
+SAMPLE_COLUMNS = ["step", "selected_as", "prompt", "completion", "exact", "lcs", "reward", "advantage",
+                  "prompt_tokens", "completion_tokens"]  # fmt: skip
 ROWS_PER_STEP = 8  # log_extras.samples_per_step
 ROLLOUTS = 16 * 8  # orchestrator.batch_size x group_size
 
@@ -61,6 +62,7 @@ def test_jsonl_samples_and_distributions(run):
         assert len(rows) == ROWS_PER_STEP
         for row in rows:
             assert list(row) == SAMPLE_COLUMNS
+            assert not any(t in row["completion"] for t in ("<pad>", "<s>", "<unk>")), "no special token but EOS"
             assert row["step"] == record["step"]
             assert row["reward"] == row["lcs"], "reverse_text: reward is the one function"
             assert row["prompt"].endswith("=") and row["prompt_tokens"] >= 2 and row["completion_tokens"] >= 1
@@ -110,7 +112,8 @@ def test_eval_metrics_and_printed_samples(run):
 
     log = (run_dir / "logs" / "orchestrator.log").read_text()
     for step in (3, 6):
-        assert f"eval at step {step}: reward {metrics[step]['eval/reward']:.3f} over 64 held-out prompts" in log
+        after = re.escape(f": reward {metrics[step]['eval/reward']:.3f} over 64 held-out prompts")
+        assert re.search(rf"eval at step {step} \(weights v\d+\){after}", log), "it names the weights it scored"
         table = log.split(f"eval samples at step {step} (best and worst)", 1)[1].split("\n\n", 1)[0]
         assert "prompt" in table and "completion" in table and "reward" in table
         assert sum(line.startswith("│") for line in table.splitlines()) >= 4, "num_val_samples_to_print=4 rows"

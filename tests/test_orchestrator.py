@@ -252,7 +252,7 @@ def test_evaluator_runs_one_greedy_completion_per_held_out_prompt():
     calls = []
 
     class Client:
-        def complete(self, prompt_ids, n, max_tokens, temperature, seed=None):
+        def complete(self, prompt_ids, n, max_tokens, temperature, seed=None, logit_bias=None):
             calls.append((len(prompt_ids), n, max_tokens, temperature))
             # Prompt "xx=" -> completion "x" for the first half, "?" for the rest.
             return [[_completion([p[1] if i < 3 else ord("?")])] for i, p in enumerate(prompt_ids)]

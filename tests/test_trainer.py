@@ -196,6 +196,35 @@ def test_token_logprobs_match_the_sampler(tiny):
     model.train()  # the engine put it in eval mode; nothing else in this module cares
 
 
+def test_token_logprobs_match_a_sampler_kept_off_special_tokens(tiny):
+    """With the orchestrator's logit_bias, the engine never emits <pad>/<s>/<unk>, and the trainer's
+    logprobs (the same bias from the batch's meta) are still exactly the sampler's."""
+    from rlrun.inference.engine import Engine
+    from rlrun.model import special_token_bias
+    from rlrun.trainer.step import bias_vector
+
+    _, model, tokenizer = tiny
+    ban = special_token_bias(tokenizer)
+    assert set(ban) == set(tokenizer.all_special_ids) - {tokenizer.eos_token_id} and len(ban) == 3
+    prompts = [encode_prompt(tokenizer, "abc="), encode_prompt(tokenizer, "hgfed=")]
+    engine = Engine(model, tokenizer)
+    groups = engine.generate(prompts, n=16, max_tokens=12, temperature=1.5, seed=0, logit_bias=ban)
+    completions = [c for group in groups for c in group]
+    assert not {t for c in completions for t in c.token_ids} & set(ban), "banned tokens never sampled"
+    unbiased = [c for g in engine.generate(prompts, n=16, max_tokens=12, temperature=1.5, seed=0) for c in g]
+    assert {t for c in unbiased for t in c.token_ids} & set(ban), "without the bias this untrained model emits them"
+
+    rows = [(prompts[i // 16], c) for i, c in enumerate(completions)]
+    tensors = _batch_tensors([(p, c.token_ids) for p, c in rows], [0.0] * len(rows), model, temperature=1.0)
+    bias = bias_vector({str(t): b for t, b in ban.items()}, model.get_output_embeddings().weight.shape[0], "cpu")
+    lp, _ = token_logprobs(model, tensors["input_ids"], tensors["attention_mask"], 1.5, bias)
+    mask = tensors["loss_mask"][:, 1:].bool()
+    torch.testing.assert_close(lp[mask], torch.tensor([x for _, c in rows for x in c.logprobs]), atol=1e-4, rtol=0)
+    plain, _ = token_logprobs(model, tensors["input_ids"], tensors["attention_mask"], 1.5)
+    assert (plain[mask] < lp[mask] - 1e-3).all(), "without the bias the trainer would see another distribution"
+    model.train()
+
+
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_micro_batches_change_nothing_but_memory(tiny, loss_type):
     _, model, tokenizer = tiny

@@ -115,8 +115,13 @@ class InferenceClient:
         max_tokens: int,
         temperature: float,
         seed: int | None = None,
+        logit_bias: dict[int, float] | None = None,
     ) -> list[list[Completion]]:
-        """`n` completions per prompt: result[i][j] is prompt i's j-th completion."""
+        """`n` completions per prompt: result[i][j] is prompt i's j-th completion.
+
+        `logit_bias` (OpenAI's, both servers): added to those tokens' logits before the
+        temperature; -100 bans a token.
+        """
         body: dict[str, Any] = {
             "model": self.model,
             "prompt": prompt_ids,
@@ -128,6 +133,8 @@ class InferenceClient:
         }
         if seed is not None:
             body["seed"] = seed
+        if logit_bias:
+            body["logit_bias"] = {str(token): float(bias) for token, bias in logit_bias.items()}
         choices = sorted(self._request("POST", "/v1/completions", json=body)["choices"], key=lambda c: c["index"])
         if len(choices) != len(prompt_ids) * n:
             raise InferenceError(f"expected {len(prompt_ids) * n} choices, got {len(choices)}")

@@ -2,9 +2,9 @@
 
 One batch = every (prompt x n) sequence of one or more requests, left-padded to a common
 length. Each step feeds only the newest token (the KV cache holds the rest), samples from
-softmax(logits / temperature), and records the sampled token's log-probability under that
-same temperature-scaled distribution, which is exactly what the trainer recomputes as
-`log_softmax(logits / temperature)` for the importance ratio.
+softmax((logits + logit_bias) / temperature), and records the sampled token's
+log-probability under that same distribution, which is exactly what the trainer recomputes
+as `log_softmax((logits + logit_bias) / temperature)` for the importance ratio.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ class SamplingParams:
     temperature: float = 1.0  # <= 0: greedy, logprobs under softmax(logits)
     seed: int | None = None
     top_logprobs: int = 0
+    # Added to the logits before the temperature (OpenAI's `logit_bias`): -100 bans a token.
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -63,9 +65,11 @@ class Engine:
         max_tokens: int,
         temperature: float,
         seed: int | None = None,
+        logit_bias: dict[int, float] | None = None,
     ) -> list[list[Completion]]:
         """`n` completions for each prompt: result[i][j] is prompt i's j-th completion."""
-        params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                logit_bias=dict(logit_bias or {}))  # fmt: skip
         return self.generate_batch([GenerationRequest(prompts, params)])[0]
 
     def generate_batch(self, requests: list[GenerationRequest]) -> list[list[list[Completion]]]:
@@ -100,6 +104,9 @@ class Engine:
             raise ValueError(f"max_tokens must be >= 1, got {p.max_tokens}")
         if p.top_logprobs < 0:
             raise ValueError(f"logprobs must be >= 0, got {p.top_logprobs}")
+        for token, bias in p.logit_bias.items():
+            if not 0 <= token < self.vocab_size or not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias: token {token} must be in [0, {self.vocab_size}), its bias in [-100, 100]")
         for prompt in request.prompts:
             if not prompt:
                 raise ValueError("a prompt has no tokens")
@@ -132,6 +139,8 @@ class Engine:
         temperature = torch.where(greedy, torch.ones_like(temperature), temperature)  # greedy: logprobs at T=1
         max_new = torch.tensor([p.max_tokens for p in params], device=dev)
         top_k = max(p.top_logprobs for p in params)
+        biased = any(p.logit_bias for p in params)
+        bias = None  # [B, V], built at the first step (V: the logits' width)
 
         # Left-pad the prompts; positions count real tokens only, so padding changes nothing.
         width = max(len(prompt) for _, prompt, _ in rows)
@@ -156,7 +165,11 @@ class Engine:
                 use_cache=True,
             )
             past = out.past_key_values
-            logp = torch.log_softmax(out.logits[:, -1, :].float() / temperature[:, None], dim=-1)
+            logits = out.logits[:, -1, :].float()
+            if biased:
+                bias = _bias_rows(params, logits.shape[-1], dev) if bias is None else bias
+                logits = logits + bias
+            logp = torch.log_softmax(logits / temperature[:, None], dim=-1)
 
             # Inverse-CDF sampling with one uniform draw per row and step from the row's own
             # generator: a seeded sequence samples the same tokens whatever it is batched with.
@@ -203,6 +216,15 @@ class Engine:
                 )
             )
         return completions
+
+
+def _bias_rows(params: list[SamplingParams], width: int, device: torch.device | str) -> torch.Tensor:
+    """Each row's `logit_bias` as a dense [rows, width] tensor."""
+    bias = torch.zeros((len(params), width), dtype=torch.float32, device=device)
+    for i, p in enumerate(params):
+        for token, value in p.logit_bias.items():
+            bias[i, token] = value
+    return bias
 
 
 def _row_generator(seed: int | None, index: int) -> torch.Generator:

@@ -227,7 +227,7 @@ class InferenceServer:
         if model is not None and model != self.model_name:
             raise RequestError(f"The model `{model}` does not exist.", HTTPStatus.NOT_FOUND, "model")
         for key, default in (("stream", False), ("echo", False), ("suffix", None), ("stop", None),
-                             ("presence_penalty", 0), ("frequency_penalty", 0), ("logit_bias", None)):
+                             ("presence_penalty", 0), ("frequency_penalty", 0)):
             if body.get(key, default) not in (default, [], {}, 0, False, None):
                 raise RequestError(f"'{key}' is not supported by the local engine", param=key)
         if body.get("top_p", 1.0) not in (1, 1.0, None) or body.get("top_k", -1) not in (-1, 0, None):
@@ -240,12 +240,17 @@ class InferenceServer:
         seed = _get(body, "seed", int, None)
         logprobs = _get(body, "logprobs", int, None)
         as_token_ids = bool(_get(body, "return_tokens_as_token_ids", bool, False))
+        logit_bias = _get(body, "logit_bias", dict, None) or {}
+        try:  # OpenAI's shape: {"<token id>": bias}
+            logit_bias = {int(token): float(bias) for token, bias in logit_bias.items()}
+        except (TypeError, ValueError):
+            raise RequestError("logit_bias must map token ids to numbers", param="logit_bias") from None
         if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
             raise RequestError(f"logprobs must be between 0 and {MAX_LOGPROBS}", param="logprobs")
         if temperature < 0:
             raise RequestError("temperature must be >= 0", param="temperature")
         params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, seed=seed,
-                                top_logprobs=logprobs or 0)
+                                top_logprobs=logprobs or 0, logit_bias=logit_bias)
         request = GenerationRequest(prompts, params)
         try:
             self.engine.validate(request)

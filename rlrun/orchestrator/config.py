@@ -16,6 +16,7 @@ class OrchestratorConfig:
     group_size: int = checked(8, gt=0)  # completions per prompt
     max_tokens: int = checked(12, gt=0)
     temperature: float = checked(1.0, gt=0)
+    allow_special_tokens: bool = False  # false: the sampler never emits a special token other than EOS
     scale_rewards: str = checked("group", one_of=SCALE_REWARDS)  # advantages divided by the group's / batch's std, or not
     max_async_steps: int = checked(1, ge=0)  # how many steps generation may run ahead of training
     keep_last: int = checked(3, ge=1)  # rollouts/step_<n> kept on disk

@@ -61,7 +61,8 @@ def eval_table(
 class Evaluator:
     """Holds the held-out prompts (tokenized once) and runs the pass."""
 
-    def __init__(self, env: Any, tokenizer: Any, num_prompts: int, max_tokens: int, num_to_print: int) -> None:
+    def __init__(self, env: Any, tokenizer: Any, num_prompts: int, max_tokens: int, num_to_print: int,
+                 logit_bias: dict[int, float] | None = None) -> None:  # fmt: skip
         import random
 
         from rlrun.model import encode_prompt
@@ -71,13 +72,15 @@ class Evaluator:
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
         self.num_to_print = num_to_print
+        self.logit_bias = dict(logit_bias or {})  # as training samples: the same tokens are off limits
 
     def evaluate(self, step: int, client: Any, pool: Any, log: Any, version: int | None = None) -> dict[str, float]:
         """Generate, score and summarise; logs a line and the sample table; returns `eval/*` metrics."""
         if not self.examples:
             return {}
         groups = client.complete(
-            self.prompt_ids, n=1, max_tokens=self.max_tokens, temperature=EVAL_TEMPERATURE, seed=EVAL_SEED
+            self.prompt_ids, n=1, max_tokens=self.max_tokens, temperature=EVAL_TEMPERATURE, seed=EVAL_SEED,
+            logit_bias=self.logit_bias,
         )
         completions = [group[0] for group in groups]
         texts = [decode_completion(self.tokenizer, c.token_ids) for c in completions]

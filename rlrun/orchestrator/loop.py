@@ -32,7 +32,7 @@ class Orchestrator:
         from rlrun.envs.workers import EnvWorkerPool
         from rlrun.inference.client import InferenceClient
         from rlrun.log import get_logger
-        from rlrun.model import load_tokenizer, policy_path
+        from rlrun.model import load_tokenizer, policy_path, special_token_bias
         from rlrun.orchestrator.eval import Evaluator
         from rlrun.tracking import Tracker
         from rlrun.tracking.record import read_metrics
@@ -42,10 +42,12 @@ class Orchestrator:
         self.log = get_logger()
         self.tokenizer = load_tokenizer(policy_path(cfg, run_dir), cfg.model.trust_remote_code)
         self.env = load_environment(cfg.task)
+        # What is emitted is what is scored: no special token but EOS unless asked for.
+        self.logit_bias = {} if self.ocfg.allow_special_tokens else special_token_bias(self.tokenizer)
         self.evaluator = None  # the held-out prompts, tokenized once
         if self.ocfg.eval_interval > 0:
             self.evaluator = Evaluator(self.env, self.tokenizer, cfg.task.num_eval_prompts, self.ocfg.max_tokens,
-                                       self.ocfg.num_val_samples_to_print)  # fmt: skip
+                                       self.ocfg.num_val_samples_to_print, self.logit_bias)  # fmt: skip
         url = f"http://{cfg.inference.host}:{cfg.inference.port}"
         self.client = InferenceClient(url, timeout=self.ocfg.request_timeout_s)
         self.client.wait_healthy(cfg.inference.startup_timeout_s, check=stop.check)  # inference may still be loading
@@ -90,7 +92,8 @@ class Orchestrator:
         prompt_ids = [encode_prompt(self.tokenizer, ex.prompt) for ex in examples]
         with tracker.timer("generate") as generate:
             groups = self.client.complete(prompt_ids, n=ocfg.group_size, max_tokens=ocfg.max_tokens,
-                                          temperature=ocfg.temperature, seed=rng.randrange(2**31))  # fmt: skip
+                                          temperature=ocfg.temperature, seed=rng.randrange(2**31),
+                                          logit_bias=self.logit_bias)  # fmt: skip
         rollouts = [Rollout(ex, ids, c, env=self.env.name) for ex, ids, group in zip(examples, prompt_ids, groups)
                     for c in group]  # fmt: skip
         with tracker.timer("score"):
@@ -99,7 +102,8 @@ class Orchestrator:
         for rollout, advantage in zip(rollouts, advantages):
             rollout.advantage = advantage
         with tracker.timer("write_batch"):
-            meta = {"policy_version": self.loaded_version, "temperature": ocfg.temperature}
+            meta = {"policy_version": self.loaded_version, "temperature": ocfg.temperature,
+                    "logit_bias": {str(t): b for t, b in self.logit_bias.items()}}  # the trainer's logprobs use it too
             write_batch(self.run_dir, step, build_batch(rollouts, int(self.tokenizer.pad_token_id)), meta)
             # The trainer may still read steps down to step - max_async_steps.
             prune(self.run_dir / "rollouts", max(ocfg.keep_last, ocfg.max_async_steps + 2))

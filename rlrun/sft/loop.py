@@ -38,8 +38,9 @@ class _LocalSampler:
     def __init__(self, engine: Any) -> None:
         self.engine = engine
 
-    def complete(self, prompt_ids: list[list[int]], n: int, max_tokens: int, temperature: float, seed: int | None = None):
-        return self.engine.generate(prompt_ids, n=n, max_tokens=max_tokens, temperature=temperature, seed=seed)
+    def complete(self, prompt_ids: list[list[int]], n: int, max_tokens: int, temperature: float,
+                 seed: int | None = None, logit_bias: dict[int, float] | None = None):  # fmt: skip
+        return self.engine.generate(prompt_ids, n, max_tokens, temperature, seed, logit_bias)
 
 
 class SftTrainer:
@@ -49,7 +50,7 @@ class SftTrainer:
         from rlrun.envs import load_environment
         from rlrun.inference.engine import Engine
         from rlrun.log import get_logger
-        from rlrun.model import load_model, resolve_model_path
+        from rlrun.model import load_model, resolve_model_path, special_token_bias
         from rlrun.orchestrator.eval import Evaluator
         from rlrun.sft.data import batches
         from rlrun.tracking import Tracker
@@ -71,8 +72,9 @@ class SftTrainer:
             self.model = DistributedDataParallel(model, device_ids=device_ids)
         self.env = load_environment(cfg.task)
         self.data = batches(self.env, self.scfg.data, self.scfg.batch_size, cfg.seed)
+        bias = {} if cfg.orchestrator.allow_special_tokens else special_token_bias(self.tokenizer)  # as RL samples
         self.evaluator = Evaluator(self.env, self.tokenizer, cfg.task.num_eval_prompts, cfg.orchestrator.max_tokens,
-                                   cfg.orchestrator.num_val_samples_to_print)  # fmt: skip
+                                   cfg.orchestrator.num_val_samples_to_print, bias)  # fmt: skip
         self.sampler = _LocalSampler(Engine(model, self.tokenizer, device=str(ranks.device)))
         self.num_tokens = 0.0
         self.tracker = Tracker(cfg.logger, job="sft", output_dir=run_dir, run_name=cfg.name)

@@ -30,7 +30,7 @@ from rlrun.job import StopFlag, StopRequested
 from rlrun.rundir import wait_for
 from rlrun.trainer.checkpoint import load_checkpoint, publish_weights, save_checkpoint
 from rlrun.trainer.dist import Ranks, any_rank, barrier, gather_token_values, sum_ranks
-from rlrun.trainer.step import forward_backward
+from rlrun.trainer.step import bias_vector, forward_backward
 
 # Metrics that are not a mean over ranks (timings `time/*` reduce with max by default).
 REDUCTIONS = {
@@ -114,6 +114,7 @@ class Trainer:
                 self.model, batch, meta["temperature"], tcfg.clip_eps_low, tcfg.clip_eps_high, tcfg.kl_coef,
                 self.ref_model, tcfg.micro_batch_size, loss_tokens=max(tokens_per_rank, 1.0), token_values=token_values,
                 loss_type=tcfg.loss_type, max_tokens=self.cfg.orchestrator.max_tokens,
+                logit_bias=bias_vector(meta.get("logit_bias") or {}, self.vocab_width, ranks.device),
             )  # fmt: skip
         with tracker.timer("optimizer_step") as opt_step:
             grad_norm = self._optimizer_step(step)
@@ -184,6 +185,11 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"], group["weight_decay"] = self.tcfg.lr, self.tcfg.weight_decay
         self.log.info(f"optimizer state from {path} (lr {self.tcfg.lr})")
+
+    @property
+    def vocab_width(self) -> int:
+        """The width of the model's logits (the output embedding's rows)."""
+        return int(getattr(self.model, "module", self.model).get_output_embeddings().weight.shape[0])
 
     def _logs_distributions(self, step: int) -> bool:
         return bool(self.xcfg.distributions) and step % self.xcfg.interval == 0

@@ -10,15 +10,23 @@ from rlrun.trainer.loss import normalizer, per_token_loss, reduce_loss
 
 
 def token_logprobs(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperature: float,
+    logit_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(token t) under `log_softmax(logits[t-1] / temperature)`, and the entropy there.
+    """log p(token t) under `log_softmax((logits[t-1] + logit_bias) / temperature)`, and the entropy there.
+
+    `logit_bias` [V] is the sampler's (see `bias_vector`): the same distribution it sampled from.
 
     Both [B, T-1]: column j is about token j+1 (the logits at j predict it), so they line
     up with `loss_mask[:, 1:]` and `old_logprobs[:, 1:]`. The entropy carries no gradient.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # [B, T-1, V]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+    if logit_bias is not None:
+        logits = logits + logit_bias
+    logp = torch.log_softmax(logits / temperature, dim=-1)  # [B, T-1, V]
     token_lp = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     with torch.no_grad():  # H = -sum_v p log p, one [B, T-1, V] buffer; 0 log 0 = 0
         entropy = -logp.exp().mul_(logp).nan_to_num_(0.0).sum(-1)
@@ -38,6 +46,7 @@ def forward_backward(
     token_values: dict[str, list[torch.Tensor]] | None = None,
     loss_type: str = "dapo",
     max_tokens: int | None = None,
+    logit_bias: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Accumulate the gradient of this rank's rows' loss; its stats (token means over the rows).
 
@@ -64,11 +73,12 @@ def forward_backward(
         mask = mb["loss_mask"][:, 1:]
         no_sync = getattr(model, "no_sync", None)
         with no_sync() if no_sync is not None and i < len(starts) - 1 else nullcontext():
-            logprobs, entropy = token_logprobs(model, mb["input_ids"], mb["attention_mask"], temperature)
+            logprobs, entropy = token_logprobs(model, mb["input_ids"], mb["attention_mask"], temperature, logit_bias)
             ref_logprobs = None
             if ref_model is not None:
                 with torch.no_grad():
-                    ref_logprobs, _ = token_logprobs(ref_model, mb["input_ids"], mb["attention_mask"], temperature)
+                    ref_logprobs, _ = token_logprobs(ref_model, mb["input_ids"], mb["attention_mask"], temperature,
+                                                     logit_bias)  # fmt: skip
             per_token, stats = per_token_loss(
                 logprobs, mb["old_logprobs"][:, 1:], mb["advantages"], mask, loss_type,
                 clip_eps_low, clip_eps_high, ref_logprobs, kl_coef, token_values,
@@ -85,3 +95,13 @@ def forward_backward(
             sums[name] = sums.get(name, 0.0) + float(value) * mb_tokens / rank_tokens
     sums["num_loss_tokens"] = float(batch["loss_mask"][:, 1:].sum())
     return sums
+
+
+def bias_vector(logit_bias: dict[str, float], width: int, device: torch.device) -> torch.Tensor | None:
+    """A batch's `logit_bias` (meta.json: {"<token id>": bias}) as a [V] tensor; None when empty."""
+    if not logit_bias:
+        return None
+    bias = torch.zeros(width, dtype=torch.float32, device=device)
+    for token, value in logit_bias.items():
+        bias[int(token)] = float(value)
+    return bias
