@@ -8,51 +8,16 @@ error is logged with its traceback and exits 1.
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
-
-from rlrun.job import StopFlag, StopRequested, load_job_config, parse_job_args
-from rlrun.rundir import job_log
 
 PROG = "python -m rlrun.trainer"
 
 
 def main(argv: list[str] | None = None) -> int:
-    stop = StopFlag().install()
-    args = parse_job_args(PROG, __doc__.splitlines()[0], argv)
-    cfg = load_job_config(args, PROG)
-
-    from rlrun.log import setup_logger
-
-    run_dir = Path(cfg.output_dir) if cfg.output_dir else Path(args.config).resolve().parent
-    rank = int(os.environ.get("RANK", "0"))
-    log = setup_logger(cfg.log_level, job_log(run_dir, "trainer", rank), job=f"trainer[{rank}]")
-
-    import torch
-
-    from rlrun.trainer.dist import Ranks, barrier, init_distributed
+    from rlrun.trainer.dist import run_ranked_job
     from rlrun.trainer.loop import Trainer
 
-    torch.set_num_threads(cfg.trainer.num_threads)
-    ranks = Ranks()
-    code = 0
-    try:
-        ranks = init_distributed(cfg.trainer.device)
-        Trainer(cfg, run_dir, stop, ranks).run()
-        barrier(ranks)
-    except StopRequested as stopped:
-        log.info(f"{stopped}; trainer exiting cleanly")
-        barrier(ranks)  # every rank agreed to stop at the same step
-    except Exception:
-        log.exception("trainer failed")
-        code = 1
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return code
+    return run_ranked_job("trainer", PROG, __doc__.splitlines()[0], argv, Trainer, lambda cfg: cfg.trainer.num_threads)
 
 
 if __name__ == "__main__":

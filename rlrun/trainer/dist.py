@@ -6,7 +6,10 @@ One process without torchrun is world 1 and every helper is then free (no collec
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -77,3 +80,39 @@ def gather_token_values(values: dict[str, list[torch.Tensor]], ranks: Ranks) -> 
         return {}
     merged = torch.cat([part[:, :size] for part, size in zip(parts, sizes)], dim=1).cpu()
     return dict(zip(names, merged))
+
+
+def run_ranked_job(job: str, prog: str, description: str, argv: list[str] | None, make: Callable[..., Any],
+                   num_threads: Callable[[Any], int]) -> int:  # fmt: skip
+    """The entrypoint of a job with ranks (`trainer`, `sft`): its config, its log per rank, the
+    process group, `make(cfg, run_dir, stop, ranks).run()`, a clean stop on every rank together.
+
+    Exit code 0 when done or stopped (SIGTERM / SIGINT), 1 on an error (logged with its traceback).
+    """
+    from rlrun.job import StopFlag, StopRequested, load_job_config, parse_job_args
+    from rlrun.log import setup_logger
+    from rlrun.rundir import job_log
+
+    stop = StopFlag().install()
+    args = parse_job_args(prog, description, argv)
+    cfg = load_job_config(args, prog)
+    run_dir = Path(cfg.output_dir) if cfg.output_dir else Path(args.config).resolve().parent
+    rank = int(os.environ.get("RANK", "0"))
+    log = setup_logger(cfg.log_level, job_log(run_dir, job, rank), job=f"{job}[{rank}]")
+    torch.set_num_threads(num_threads(cfg))
+    ranks = Ranks()
+    code = 0
+    try:
+        ranks = init_distributed(cfg.trainer.device)
+        make(cfg, run_dir, stop, ranks).run()
+        barrier(ranks)
+    except StopRequested as stopped:
+        log.info(f"{stopped}; {job} exiting cleanly")
+        barrier(ranks)  # every rank agreed to stop at the same step
+    except Exception:
+        log.exception(f"{job} failed")
+        code = 1
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return code
