@@ -1,0 +1,96 @@
+"""Does the default run learn its task? Held-out quality of `python -m rlrun` over several seeds.
+
+Per seed, one whole run (`python -m rlrun seed=<s> <overrides>`), then from the run's own
+record: the final held-out greedy evaluation (the orchestrator's last `eval/*`, which scores
+the final weights) — exact-match, reward, and the share of completions that ended with EOS —
+the SFT stage's last evaluation when the run had one (what RL started from), the RL stage's
+gain over it, the reward curve's first and last 10%, and the wall time of the whole run.
+
+Targets (issue 11): exact-match >= 0.95, EOS >= 98%, RL adds >= 0.1 exact-match over its SFT
+start, whole run <= 180 s. Every figure is reported, misses included.
+Results: benchmarks/results/default_quality_<name>.json.
+
+    python benchmarks/default_quality.py [--seeds 0,1,2] [--name default] [overrides ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, mean, read_metrics, run_rlrun, table, write_json  # noqa: E402
+
+TARGETS = {"exact": 0.95, "eos": 0.98, "rl_gain_exact": 0.1, "wall_s": 180.0}
+
+
+def last_eval(records: list[dict]) -> dict[str, float] | None:
+    """The newest record's eval/* metrics: exact-match, reward, EOS share."""
+    for record in reversed(records):
+        m = record["metrics"]
+        if "eval/reward" in m:
+            return {
+                "step": record["step"],
+                "exact": m.get("eval/rewards/exact/mean", float("nan")),
+                "reward": m["eval/reward"],
+                "eos": 1.0 - m.get("eval/completions/clipped_ratio", float("nan")),
+            }
+    return None
+
+
+def measure(seed: int, overrides: list[str]) -> dict:
+    with tempfile.TemporaryDirectory(prefix=f"rlrun-bench-quality-{seed}-") as tmp:
+        run_dir = Path(tmp) / "run"
+        run = run_rlrun(run_dir, [f"seed={seed}", *overrides], quiet=False)
+        sft = last_eval(read_metrics(run_dir / "metrics" / "sft.jsonl"))
+    final = last_eval(run["orchestrator"])
+    rewards = [r["metrics"]["reward"] for r in run["orchestrator"]]
+    k = max(1, len(rewards) // 10)
+    return {
+        "seed": seed,
+        "wall_s": run["wall_s"],
+        "final": final,
+        "sft": sft,
+        "rl_gain_exact": final["exact"] - sft["exact"] if final and sft else None,
+        "reward_first10pct": mean(rewards[:k]),
+        "reward_last10pct": mean(rewards[-k:]),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--name", default="default", help="the key of this configuration in the results file")
+    parser.add_argument("overrides", nargs="*", help="extra `python -m rlrun` overrides")
+    args = parser.parse_args()
+
+    runs = [measure(int(s), args.overrides) for s in args.seeds.split(",")]
+    rows = []
+    for r in runs:
+        f, s = r["final"] or {}, r["sft"] or {}
+        rows.append([r["seed"], f.get("exact"), f.get("eos"), f.get("reward"), s.get("exact"), r["rl_gain_exact"],
+                     r["reward_first10pct"], r["reward_last10pct"], r["wall_s"]])  # fmt: skip
+    print(table(rows, ["seed", "exact", "eos", "eval reward", "sft exact", "rl gain", "reward first", "reward last",
+                       "wall s"]))  # fmt: skip
+    summary = {
+        "exact": mean([r["final"]["exact"] for r in runs if r["final"]]),
+        "eos": mean([r["final"]["eos"] for r in runs if r["final"]]),
+        "rl_gain_exact": mean([r["rl_gain_exact"] for r in runs if r["rl_gain_exact"] is not None]),
+        "wall_s": max(r["wall_s"] for r in runs),
+    }
+    met = {key: summary[key] == summary[key] and (summary[key] <= target if key == "wall_s" else summary[key] >= target)
+           for key, target in TARGETS.items()}  # fmt: skip
+    print(f"{args.name}: mean exact {summary['exact']:.3f}, EOS {summary['eos']:.1%}, RL gain "
+          f"{summary['rl_gain_exact']:.3f}, slowest run {summary['wall_s']:.0f} s; targets met: {met}")
+    path = write_json(f"default_quality_{args.name}", {
+        "configuration": {"name": args.name, "overrides": args.overrides, "seeds": args.seeds},
+        "targets": TARGETS, "summary": summary, "met": met, "runs": runs, "machine": machine(),
+    })  # fmt: skip
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
