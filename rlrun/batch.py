@@ -16,6 +16,7 @@ and `meta.json` the step, the policy version that sampled it and the sampling te
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,30 @@ from rlrun.rundir import publish_dir, read_json, staging_dir, step_dir, write_js
 BATCH_FILE = "batch.safetensors"
 META_FILE = "meta.json"
 KEYS = ("input_ids", "attention_mask", "loss_mask", "old_logprobs", "advantages")
+
+
+def pad_sequences(
+    rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, completion_values: Sequence[Sequence[float]] | None = None
+) -> dict[str, torch.Tensor]:
+    """(prompt ids, completion ids) rows, right-padded: `input_ids`, `attention_mask`, `loss_mask`
+    (1 on completion tokens) and, with `completion_values`, those values at the completion's
+    positions (`old_logprobs`). The one place RL batches and SFT batches are laid out."""
+    width = max(len(p) + len(c) for p, c in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), width), dtype=torch.float32)
+    values = torch.zeros((len(rows), width), dtype=torch.float32) if completion_values is not None else None
+    for i, (prompt, completion) in enumerate(rows):
+        p, c = len(prompt), len(completion)
+        input_ids[i, : p + c] = torch.tensor([*prompt, *completion], dtype=torch.long)
+        attention_mask[i, : p + c] = 1
+        loss_mask[i, p : p + c] = 1.0
+        if values is not None:
+            values[i, p : p + c] = torch.tensor(completion_values[i], dtype=torch.float32)
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+    if values is not None:
+        out["old_logprobs"] = values
+    return out
 
 
 def rollouts_root(run_dir: str | Path) -> Path:

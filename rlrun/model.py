@@ -14,6 +14,7 @@ workers, `--cfg job`) never import it.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -196,6 +197,14 @@ def special_token_bias(tokenizer) -> dict[int, float]:
     chat markers): a policy must not hide padding in its completions."""
     eos = tokenizer.eos_token_id
     return {int(i): BAN for i in tokenizer.all_special_ids if i != eos}
+
+
+def bias_tensor(logit_bias: Mapping[Any, float], width: int, device: Any = "cpu") -> torch.Tensor:
+    """A `logit_bias` ({token id: bias}; ids may be JSON's strings) as a dense [width] tensor."""
+    bias = torch.zeros(width, dtype=torch.float32, device=device)
+    for token, value in logit_bias.items():
+        bias[int(token)] = float(value)
+    return bias
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:

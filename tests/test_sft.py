@@ -11,7 +11,8 @@ from conftest import metrics, run_app
 from rlrun.config import ConfigError, TaskConfig, validate
 from rlrun.envs.reverse_text import ReverseText
 from rlrun.model import load_tokenizer
-from rlrun.sft.data import batches, collate, read_jsonl_pairs, tokenize_pair
+from rlrun.batch import pad_sequences
+from rlrun.sft.data import batches, read_jsonl_pairs, tokenize_pair
 
 
 def test_jsonl_pairs_cycle_through_every_pair_and_bad_lines_are_named(tmp_path):
@@ -32,7 +33,7 @@ def test_task_pairs_tokenize_with_eos_and_only_completions_are_trained(tiny_mode
     assert answer == prompt[:-1][::-1], "the task's reference answer"
     prompt_ids, completion_ids = tokenize_pair(tokenizer, prompt, answer)
     assert completion_ids[-1] == tokenizer.eos_token_id and tokenizer.decode(completion_ids[:-1]) == answer
-    batch = collate([(prompt_ids, completion_ids), ([1, 2], [3])], pad_id=0)
+    batch = pad_sequences([(prompt_ids, completion_ids), ([1, 2], [3])], pad_id=0)
     width = len(prompt_ids) + len(completion_ids)
     assert batch["input_ids"].shape == (2, width)
     assert batch["loss_mask"][0].tolist() == [0.0] * len(prompt_ids) + [1.0] * len(completion_ids)

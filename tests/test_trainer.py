@@ -21,7 +21,7 @@ from rlrun.config import RunConfig
 from rlrun.job import StopFlag
 from rlrun.model import encode_prompt, load_model, load_weights
 from rlrun.rundir import list_steps, read_json, wait_for
-from rlrun.trainer.loss import LOSS_TYPES, grpo_loss
+from rlrun.trainer.loss import LOSS_TYPES, normalizer, per_token_loss, reduce_loss
 from rlrun.trainer.dist import Ranks, gather_token_values
 from rlrun.trainer.step import forward_backward, token_logprobs
 
@@ -34,6 +34,17 @@ METRICS = [
 
 
 # ---------------------------------------------------------------- the loss, by hand
+
+
+def grpo_loss(logprobs, old_logprobs, advantages, loss_mask, clip_eps_low=0.2, clip_eps_high=0.28,
+              ref_logprobs=None, kl_coef=0.0, token_values=None, loss_type="dapo", max_tokens=None):  # fmt: skip
+    """The loss of one batch alone (one rank, one micro-batch), put together as `forward_backward` does."""
+    per_token, stats = per_token_loss(logprobs, old_logprobs, advantages, loss_mask, loss_type, clip_eps_low,
+                                      clip_eps_high, ref_logprobs, kl_coef, token_values)  # fmt: skip
+    tokens = float((loss_mask > 0).sum())
+    denominator = normalizer(loss_type, batch_tokens=tokens, rank_tokens=tokens, rank_rows=logprobs.shape[0],
+                             max_tokens=max_tokens or logprobs.shape[1])  # fmt: skip
+    return reduce_loss(per_token, loss_mask, loss_type) / denominator, stats
 
 
 def _mask(lengths: list[int], width: int) -> torch.Tensor:
@@ -201,7 +212,7 @@ def test_token_logprobs_match_a_sampler_kept_off_special_tokens(tiny):
     logprobs (the same bias from the batch's meta) are still exactly the sampler's."""
     from rlrun.inference.engine import Engine
     from rlrun.model import special_token_bias
-    from rlrun.trainer.step import bias_vector
+    from rlrun.model import bias_tensor
 
     _, model, tokenizer = tiny
     ban = special_token_bias(tokenizer)
@@ -216,7 +227,7 @@ def test_token_logprobs_match_a_sampler_kept_off_special_tokens(tiny):
 
     rows = [(prompts[i // 16], c) for i, c in enumerate(completions)]
     tensors = _batch_tensors([(p, c.token_ids) for p, c in rows], [0.0] * len(rows), model, temperature=1.0)
-    bias = bias_vector({str(t): b for t, b in ban.items()}, model.get_output_embeddings().weight.shape[0], "cpu")
+    bias = bias_tensor({str(t): b for t, b in ban.items()}, model.get_output_embeddings().weight.shape[0])  # as meta.json
     lp, _ = token_logprobs(model, tensors["input_ids"], tensors["attention_mask"], 1.5, bias)
     mask = tensors["loss_mask"][:, 1:].bool()
     torch.testing.assert_close(lp[mask], torch.tensor([x for _, c in rows for x in c.logprobs]), atol=1e-4, rtol=0)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rlrun.inference import Completion
-from rlrun.model import eos_token_ids, load_weights
+from rlrun.model import bias_tensor, eos_token_ids, load_weights
 
 __all__ = ["Completion", "Engine", "GenerationRequest", "SamplingParams"]
 
@@ -167,7 +167,8 @@ class Engine:
             past = out.past_key_values
             logits = out.logits[:, -1, :].float()
             if biased:
-                bias = _bias_rows(params, logits.shape[-1], dev) if bias is None else bias
+                if bias is None:
+                    bias = torch.stack([bias_tensor(p.logit_bias, logits.shape[-1], dev) for p in params])
                 logits = logits + bias
             logp = torch.log_softmax(logits / temperature[:, None], dim=-1)
 
@@ -216,15 +217,6 @@ class Engine:
                 )
             )
         return completions
-
-
-def _bias_rows(params: list[SamplingParams], width: int, device: torch.device | str) -> torch.Tensor:
-    """Each row's `logit_bias` as a dense [rows, width] tensor."""
-    bias = torch.zeros((len(params), width), dtype=torch.float32, device=device)
-    for i, p in enumerate(params):
-        for token, value in p.logit_bias.items():
-            bias[i, token] = value
-    return bias
 
 
 def _row_generator(seed: int | None, index: int) -> torch.Generator:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rlrun.batch import pad_sequences
 from rlrun.envs.base import Example
 from rlrun.inference import Completion
 from rlrun.orchestrator.config import SCALE_REWARDS
@@ -67,24 +68,10 @@ def group_advantages(rewards: Sequence[float], group_size: int, scale: str = "gr
 
 
 def build_batch(rollouts: Sequence[Rollout], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded tensors in `rlrun.batch`'s format, one row per rollout: prompt then completion."""
-    width = max(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
-    n = len(rollouts)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((n, width), dtype=torch.long)
-    loss_mask = torch.zeros((n, width), dtype=torch.float32)
-    old_logprobs = torch.zeros((n, width), dtype=torch.float32)
-    for i, r in enumerate(rollouts):
-        p, c = len(r.prompt_ids), len(r.completion_ids)
-        input_ids[i, : p + c] = torch.tensor([*r.prompt_ids, *r.completion_ids], dtype=torch.long)
-        attention_mask[i, : p + c] = 1
-        loss_mask[i, p : p + c] = 1.0
-        old_logprobs[i, p : p + c] = torch.tensor(r.completion.logprobs, dtype=torch.float32)
+    """Tensors in `rlrun.batch`'s format, one row per rollout: prompt then completion."""
+    rows = [(r.prompt_ids, r.completion_ids) for r in rollouts]
     return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "loss_mask": loss_mask,
-        "old_logprobs": old_logprobs,
+        **pad_sequences(rows, pad_id, [r.completion.logprobs for r in rollouts]),
         "advantages": torch.tensor([r.advantage for r in rollouts], dtype=torch.float32),
         "truncated": torch.tensor([float(r.completion.finish_reason == "length") for r in rollouts]),
     }

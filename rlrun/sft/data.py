@@ -11,8 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from rlrun.model import encode_prompt
 
 
@@ -53,17 +51,3 @@ def batches(env: Any, data: str | None, batch_size: int, seed: int) -> Iterator[
                 order = rng.sample(range(len(pairs)), len(pairs))
             batch.append(pairs[order.pop()])
         yield batch
-
-
-def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded `input_ids`, `attention_mask` and `loss_mask` (1 on completion tokens)."""
-    width = max(len(p) + len(c) for p, c in pairs)
-    input_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(pairs), width), dtype=torch.long)
-    loss_mask = torch.zeros((len(pairs), width), dtype=torch.float32)
-    for i, (prompt, completion) in enumerate(pairs):
-        p, c = len(prompt), len(completion)
-        input_ids[i, : p + c] = torch.tensor([*prompt, *completion])
-        attention_mask[i, : p + c] = 1
-        loss_mask[i, p : p + c] = 1.0
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}

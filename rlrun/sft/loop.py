@@ -99,13 +99,14 @@ class SftTrainer:
 
     def step(self, step: int) -> None:
         """One supervised step on the next batch; evaluation on its steps."""
-        from rlrun.sft.data import collate, tokenize_pair
-        from rlrun.trainer.step import token_logprobs
+        from rlrun.batch import pad_sequences
+        from rlrun.sft.data import tokenize_pair
+        from rlrun.trainer.step import optimizer_step, token_logprobs
 
         scfg, tracker, ranks = self.scfg, self.tracker, self.ranks
         step_start = time.perf_counter()
         pairs = [tokenize_pair(self.tokenizer, p, c) for p, c in next(self.data)]
-        batch = {k: v[ranks.rank :: ranks.world].to(ranks.device) for k, v in collate(pairs, self.pad_id).items()}
+        batch = {k: v[ranks.rank :: ranks.world].to(ranks.device) for k, v in pad_sequences(pairs, self.pad_id).items()}
         mask = batch["loss_mask"][:, 1:]
         with tracker.timer("forward_backward") as fwd_bwd:
             tokens_per_rank = max(sum_ranks(float(mask.sum()), ranks) / ranks.world, 1.0)
@@ -113,9 +114,7 @@ class SftTrainer:
             loss = -(logprobs * mask).sum() / tokens_per_rank  # the whole batch's token mean, after DDP's average
             loss.backward()
         with tracker.timer("optimizer_step") as opt_step:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), scfg.max_grad_norm))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(self.model, self.optimizer, scfg.max_grad_norm, self.log, step)
         tokens = float(mask.sum())
         self.num_tokens += tokens_per_rank * ranks.world  # every rank's, as TRL's cumulative `num_tokens`
         metrics = {

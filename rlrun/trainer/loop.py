@@ -18,7 +18,6 @@ Per step `n` (from 1, or from the newest checkpoint + 1), in `Trainer.step`:
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -27,10 +26,11 @@ import torch
 
 from rlrun.batch import batch_ready, read_batch
 from rlrun.job import StopFlag, StopRequested
+from rlrun.model import bias_tensor
 from rlrun.rundir import wait_for
 from rlrun.trainer.checkpoint import load_checkpoint, publish_weights, save_checkpoint
 from rlrun.trainer.dist import Ranks, any_rank, barrier, gather_token_values, sum_ranks
-from rlrun.trainer.step import bias_vector, forward_backward
+from rlrun.trainer.step import forward_backward, optimizer_step
 
 # Metrics that are not a mean over ranks (timings `time/*` reduce with max by default).
 REDUCTIONS = {
@@ -114,10 +114,10 @@ class Trainer:
                 self.model, batch, meta["temperature"], tcfg.clip_eps_low, tcfg.clip_eps_high, tcfg.kl_coef,
                 self.ref_model, tcfg.micro_batch_size, loss_tokens=max(tokens_per_rank, 1.0), token_values=token_values,
                 loss_type=tcfg.loss_type, max_tokens=self.cfg.orchestrator.max_tokens,
-                logit_bias=bias_vector(meta.get("logit_bias") or {}, self.vocab_width, ranks.device),
+                logit_bias=self._logit_bias(meta),
             )  # fmt: skip
         with tracker.timer("optimizer_step") as opt_step:
-            grad_norm = self._optimizer_step(step)
+            grad_norm = optimizer_step(self.model, self.optimizer, tcfg.max_grad_norm, self.log, step)
         with tracker.timer("save_weights"):
             if ranks.rank == 0:
                 publish_weights(self.model, self.run_dir, step, tcfg.keep_last)
@@ -164,16 +164,6 @@ class Trainer:
         meta.setdefault("policy_version", step - 1)
         return {k: v[ranks.rank :: ranks.world].to(ranks.device) for k, v in tensors.items()}, meta
 
-    def _optimizer_step(self, step: int) -> float:
-        """Clip the gradient, step (unless the norm is not finite), zero it; the norm before clipping."""
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.max_grad_norm))
-        if math.isfinite(grad_norm):
-            self.optimizer.step()
-        else:  # gradients are identical on every rank after DDP, so all skip together
-            self.log.warning(f"step {step}: gradient norm is {grad_norm}; skipping the update")
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
-
     def _optimizer_from_sft(self) -> None:
         """Go on with the SFT stage's AdamW moments (a fresh state's first steps undo SFT), at RL's lr."""
         from rlrun.sft import SFT_OPTIMIZER_FILE
@@ -186,10 +176,12 @@ class Trainer:
             group["lr"], group["weight_decay"] = self.tcfg.lr, self.tcfg.weight_decay
         self.log.info(f"optimizer state from {path} (lr {self.tcfg.lr})")
 
-    @property
-    def vocab_width(self) -> int:
-        """The width of the model's logits (the output embedding's rows)."""
-        return int(getattr(self.model, "module", self.model).get_output_embeddings().weight.shape[0])
+    def _logit_bias(self, meta: dict[str, Any]) -> torch.Tensor | None:
+        """The sampler's `logit_bias` (the batch's meta) over the logits' width; None when there is none."""
+        if not meta.get("logit_bias"):
+            return None
+        width = getattr(self.model, "module", self.model).get_output_embeddings().weight.shape[0]
+        return bias_tensor(meta["logit_bias"], int(width), self.ranks.device)
 
     def _logs_distributions(self, step: int) -> bool:
         return bool(self.xcfg.distributions) and step % self.xcfg.interval == 0

@@ -119,28 +119,3 @@ def normalizer(loss_type: str, *, batch_tokens: float, rank_tokens: float, rank_
         return max(rank_rows, 1) * max_tokens
     raise ValueError(f"loss_type={loss_type!r}: must be one of {LOSS_TYPES}")
 
-
-def grpo_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    loss_mask: torch.Tensor,
-    clip_eps_low: float = 0.2,
-    clip_eps_high: float = 0.28,
-    ref_logprobs: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    token_values: dict[str, list[torch.Tensor]] | None = None,
-    loss_type: str = "dapo",
-    max_tokens: int | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss of one batch on its own (a scalar to minimise) and detached stats.
-
-    `max_tokens` (the longest completion allowed) is needed by `dr_grpo` only; it defaults to
-    the batch's width.
-    """
-    per_token, stats = per_token_loss(logprobs, old_logprobs, advantages, loss_mask, loss_type, clip_eps_low,
-                                      clip_eps_high, ref_logprobs, kl_coef, token_values)  # fmt: skip
-    tokens = float((loss_mask > 0).sum())
-    denominator = normalizer(loss_type, batch_tokens=tokens, rank_tokens=tokens, rank_rows=logprobs.shape[0],
-                             max_tokens=max_tokens or logprobs.shape[1])  # fmt: skip
-    return reduce_loss(per_token, loss_mask, loss_type) / denominator, stats

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 
@@ -18,7 +20,7 @@ def token_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(token t) under `log_softmax((logits[t-1] + logit_bias) / temperature)`, and the entropy there.
 
-    `logit_bias` [V] is the sampler's (see `bias_vector`): the same distribution it sampled from.
+    `logit_bias` [V] is the sampler's (`rlrun.model.bias_tensor`): the distribution it sampled from.
 
     Both [B, T-1]: column j is about token j+1 (the logits at j predict it), so they line
     up with `loss_mask[:, 1:]` and `old_logprobs[:, 1:]`. The entropy carries no gradient.
@@ -97,11 +99,14 @@ def forward_backward(
     return sums
 
 
-def bias_vector(logit_bias: dict[str, float], width: int, device: torch.device) -> torch.Tensor | None:
-    """A batch's `logit_bias` (meta.json: {"<token id>": bias}) as a [V] tensor; None when empty."""
-    if not logit_bias:
-        return None
-    bias = torch.zeros(width, dtype=torch.float32, device=device)
-    for token, value in logit_bias.items():
-        bias[int(token)] = float(value)
-    return bias
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float, log: Any,
+                   step: int) -> float:  # fmt: skip
+    """Clip the gradient, step (unless its norm is not finite), zero it; the norm before clipping."""
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
+    if math.isfinite(grad_norm):
+        optimizer.step()
+    else:  # gradients are identical on every rank after DDP, so all skip together
+        log.warning(f"step {step}: gradient norm is {grad_norm}; skipping the update")
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
