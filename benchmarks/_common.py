@@ -17,6 +17,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+# The timing benchmarks measure RL steps: the default run without its SFT stage before them.
+RL_STAGE = ["sft.max_steps=0"]
 
 
 def machine() -> dict:

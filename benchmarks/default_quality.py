@@ -6,6 +6,10 @@ the final weights) — exact-match, reward, and the share of completions that en
 the SFT stage's last evaluation when the run had one (what RL started from), the RL stage's
 gain over it, the reward curve's first and last 10%, and the wall time of the whole run (each
 run waits for an idle CPU first and records the load; the time target is on the median run).
+Then the final weights are loaded into plain transformers and decode, greedily and with no
+logit bias, strings the run never saw: its SFT and RL prompts are replayed from their seeds
+and left out, as are the held-out ones (`unseen`: exact-match, EOS share, share holding
+another special token).
 
 Targets (issue 11): exact-match >= 0.95, EOS >= 98%, RL adds >= 0.1 exact-match over its SFT
 start, whole run <= 180 s. Every figure is reported, misses included.
@@ -42,11 +46,62 @@ def last_eval(records: list[dict]) -> dict[str, float] | None:
     return None
 
 
+def unseen_quality(run_dir: Path, num_strings: int = 200) -> dict[str, float]:
+    """Greedy exact-match of the run's final weights, in plain transformers, on strings it never saw."""
+    import random
+
+    import torch
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from rlrun.envs import load_environment
+    from rlrun.model import encode_prompt, load_tokenizer, load_weights, policy_path
+    from rlrun.orchestrator.loop import step_rng
+    from rlrun.rundir import latest_step
+    from rlrun.sft.data import batches
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    env = load_environment(cfg.task)
+    seen = {ex.prompt for ex in env.sample(random.Random(0), cfg.task.num_eval_prompts, split="eval")}
+    sft_batches = batches(env, None, cfg.sft.batch_size, cfg.seed)
+    for _ in range(cfg.sft.max_steps if cfg.sft.data is None else 0):
+        seen |= {prompt for prompt, _ in next(sft_batches)}
+    for step in range(1, cfg.max_steps + 1):
+        seen |= {ex.prompt for ex in env.sample(step_rng(cfg.seed, step), cfg.orchestrator.batch_size)}
+    fresh, rng = {}, random.Random(12345)
+    while len(fresh) < num_strings:
+        ex = env.sample(rng, 1)[0]
+        if ex.prompt not in seen:
+            fresh[ex.prompt] = ex
+    hf_logging.disable_progress_bar()
+    policy = policy_path(cfg, run_dir)
+    tokenizer = load_tokenizer(policy)
+    model = AutoModelForCausalLM.from_pretrained(policy).eval()
+    load_weights(model, run_dir / "weights" / f"step_{latest_step(run_dir / 'weights')}")
+    eos_id = tokenizer.eos_token_id
+    exact = ended = special = 0
+    for ex in fresh.values():
+        ids = torch.tensor([encode_prompt(tokenizer, ex.prompt)])
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=cfg.orchestrator.max_tokens, do_sample=False,
+                                 eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        new = out[0, ids.shape[1]:].tolist()
+        body = new[: new.index(eos_id)] if eos_id in new else new
+        ended += eos_id in new
+        exact += eos_id in new and tokenizer.decode(body) == ex.answer
+        special += any(t in tokenizer.all_special_ids and t != eos_id for t in new)
+    mean_len = sum(len(ex.answer) for ex in fresh.values()) / len(fresh)
+    return {"strings": len(fresh), "strings_seen": len(seen), "mean_chars": mean_len, "exact": exact / len(fresh),
+            "eos": ended / len(fresh), "other_special": special / len(fresh)}  # fmt: skip
+
+
 def measure(seed: int, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"rlrun-bench-quality-{seed}-") as tmp:
         run_dir = Path(tmp) / "run"
         run = run_rlrun(run_dir, [f"seed={seed}", *overrides])  # waits for an idle CPU, records the load
         sft = last_eval(read_metrics(run_dir / "metrics" / "sft.jsonl"))
+        unseen = unseen_quality(run_dir)
     final = last_eval(run["orchestrator"])
     rewards = [r["metrics"]["reward"] for r in run["orchestrator"]]
     k = max(1, len(rewards) // 10)
@@ -58,6 +113,7 @@ def measure(seed: int, overrides: list[str]) -> dict:
         "final": final,
         "sft": sft,
         "rl_gain_exact": final["exact"] - sft["exact"] if final and sft else None,
+        "unseen": unseen,
         "reward_first10pct": mean(rewards[:k]),
         "reward_last10pct": mean(rewards[-k:]),
     }
@@ -75,9 +131,10 @@ def main() -> int:
     for r in runs:
         f, s = r["final"] or {}, r["sft"] or {}
         rows.append([r["seed"], f.get("exact"), f.get("eos"), f.get("reward"), s.get("exact"), r["rl_gain_exact"],
-                     r["reward_first10pct"], r["reward_last10pct"], r["wall_s"]])  # fmt: skip
+                     r["reward_first10pct"], r["reward_last10pct"], r["wall_s"], r["unseen"]["exact"],
+                     r["unseen"]["eos"]])  # fmt: skip
     print(table(rows, ["seed", "exact", "eos", "eval reward", "sft exact", "rl gain", "reward first", "reward last",
-                       "wall s"]))  # fmt: skip
+                       "wall s", "unseen exact", "unseen eos"]))  # fmt: skip
     summary = {
         "exact": mean([r["final"]["exact"] for r in runs if r["final"]]),
         "eos": mean([r["final"]["eos"] for r in runs if r["final"]]),
@@ -85,12 +142,15 @@ def main() -> int:
         "wall_s": statistics.median(r["wall_s"] for r in runs),  # the target is on the median run
         "wall_s_max": max(r["wall_s"] for r in runs),
         "loadavg_1m_after_max": max(r["loadavg_1m_after"] for r in runs),
+        "unseen_exact": mean([r["unseen"]["exact"] for r in runs]),
+        "unseen_eos": mean([r["unseen"]["eos"] for r in runs]),
     }
     met = {key: summary[key] == summary[key] and (summary[key] <= target if key == "wall_s" else summary[key] >= target)
            for key, target in TARGETS.items()}  # fmt: skip
     print(f"{args.name}: mean exact {summary['exact']:.3f}, EOS {summary['eos']:.1%}, RL gain "
           f"{summary['rl_gain_exact']:.3f}, median run {summary['wall_s']:.0f} s (slowest {summary['wall_s_max']:.0f} s, "
-          f"1-min load after <= {summary['loadavg_1m_after_max']:.1f}); targets met: {met}")
+          f"1-min load after <= {summary['loadavg_1m_after_max']:.1f}); on unseen strings: exact "
+          f"{summary['unseen_exact']:.3f}, EOS {summary['unseen_eos']:.1%}; targets met: {met}")
     path = write_json(f"default_quality_{args.name}", {
         "configuration": {"name": args.name, "overrides": args.overrides, "seeds": args.seeds},
         "targets": TARGETS, "summary": summary, "met": met, "runs": runs, "machine": machine(),

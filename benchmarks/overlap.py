@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine, run_rlrun, summarize, table, write_json  # noqa: E402
+from _common import RESULTS, RL_STAGE, machine, run_rlrun, summarize, table, write_json  # noqa: E402
 
 TARGET_RATIO = 0.6
 HEAVY = ["model.hidden_size=128", "model.num_layers=4", "model.num_heads=4", "model.intermediate_size=384",
@@ -36,7 +36,7 @@ def measure(name: str, overrides: list[str], steps: int, skip: int, samples_per_
     out = {}
     for mode, k in (("sequential", 0), ("async", 1)):
         with tempfile.TemporaryDirectory(prefix=f"rlrun-bench-overlap-{name}-") as tmp:
-            run = run_rlrun(Path(tmp) / "run", [*overrides, f"max_steps={steps}", f"orchestrator.max_async_steps={k}"])
+            run = run_rlrun(Path(tmp) / "run", [*RL_STAGE, *overrides, f"max_steps={steps}", f"orchestrator.max_async_steps={k}"])
         s = summarize(run, skip)
         s["samples_per_s"] = samples_per_step / s["step_s"]
         s["gen_tokens_per_s"] = samples_per_step * s["gen_tokens_per_sample"] / s["step_s"]

@@ -17,14 +17,14 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine, run_rlrun, summarize, table, write_json  # noqa: E402
+from _common import RESULTS, RL_STAGE, machine, run_rlrun, summarize, table, write_json  # noqa: E402
 
 SWEEPS = {
     "group_size": ("orchestrator.group_size", [4, 8, 16, 32]),
     "max_tokens": ("orchestrator.max_tokens", [6, 12, 24, 48]),
     "num_ranks": ("trainer.num_ranks", [1, 2]),
 }
-BASE = ["orchestrator.eval_interval=0", "trainer.checkpoint_interval=0"]
+BASE = [*RL_STAGE, "orchestrator.eval_interval=0", "trainer.checkpoint_interval=0"]
 
 
 def plot(result: dict) -> Path:

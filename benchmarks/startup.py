@@ -7,8 +7,8 @@
 - which imports dominate: `python -X importtime` of `--cfg job`, and of what every job
   process imports (rlrun.model: torch + transformers' Llama).
 
-The default run is shortened with `max_steps` (--max-steps, default 5): the time to the
-first step does not depend on it.
+The default run is shortened with `max_steps` (--max-steps, default 5) and measured without
+its SFT stage (`sft.max_steps=0`): the time to RL's first step depends on neither.
 
     python benchmarks/startup.py [--repeats 5] [--max-steps 5]
 """
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, first_step_s, machine, run_rlrun, table, wait_quiet, write_json  # noqa: E402
+from _common import RL_STAGE, ROOT, first_step_s, machine, run_rlrun, table, wait_quiet, write_json  # noqa: E402
 
 CFG_JOB_TARGET_S, FIRST_STEP_TARGET_S = 1.5, 15.0
 
@@ -81,7 +81,7 @@ def main() -> int:
     runs = []
     for _ in range(max(1, args.repeats // 2)):
         with tempfile.TemporaryDirectory(prefix="rlrun-bench-startup-") as tmp:
-            run = run_rlrun(Path(tmp) / "run", [f"max_steps={args.max_steps}"])
+            run = run_rlrun(Path(tmp) / "run", [*RL_STAGE, f"max_steps={args.max_steps}"])
             log_text = (Path(tmp) / "run" / "logs" / "rl.log").read_text()
             runs.append({"first_step_s": first_step_s(run), "phases": launcher_phases(log_text, run["start"]),
                          "machine_before": run["machine_before"], "loadavg_1m_after": run["loadavg_1m_after"]})
@@ -106,7 +106,7 @@ def main() -> int:
         "python_import_rlrun_model_llama_s": job_import_s,
         "top_imports_cfg_job": cfg_imports,
         "top_imports_job_process": job_imports,
-        "settings": {"cmd_cfg_job": " ".join(cfg_cmd[1:]), "first_step_overrides": [f"max_steps={args.max_steps}"],
+        "settings": {"cmd_cfg_job": " ".join(cfg_cmd[1:]), "first_step_overrides": [*RL_STAGE, f"max_steps={args.max_steps}"],
                      "repeats": args.repeats},
         "machine": machine(),
     }

@@ -2,11 +2,15 @@
 
 Both sides: the tiny Llama rlrun builds (rlrun.model.build_tiny_model, seed 0, the same
 initial weights), reverse_text prompts (the exact prompts rlrun samples at each step, in
-order), the `lcs` reward of rlrun.envs.reverse_text, 16 prompts x 8 completions per
-optimizer step, at most 12 completion tokens, temperature 1.0 (no top-k/top-p), AdamW at a
+order), the `lcs` reward of rlrun.envs.reverse_text alone, 16 prompts x 8 completions per
+optimizer step, at most 12 completion tokens, temperature 1.0 (no top-k/top-p), no special
+token sampled but EOS (rlrun's logit_bias; TRL's generation `suppress_tokens`), AdamW at a
 constant lr 3e-3, grad-norm clip 1.0, clip eps 0.2/0.28, no KL, token-level loss mean
-(TRL's loss_type="dapo"), advantages (r - group mean) / group std, float32, no evaluation,
-no checkpoints, no activation checkpointing (TRL's default is on), --steps optimizer steps each.
+(`loss_type="dapo"` on both sides), advantages (r - group mean) / group std with Bessel's
+correction (`scale_rewards="group"` on both sides), float32, no evaluation, no checkpoints,
+no activation checkpointing (TRL's default is on), RL from the untrained model (no SFT
+stage), --steps optimizer steps each. One difference is left: TRL scores its logprobs
+without the suppression, rlrun under the same bias as its sampler.
 
 rlrun: `python -m rlrun` (its default split into inference + orchestrator + trainer
 processes, one torch thread each, max_async_steps=1). TRL: one process, GRPOTrainer with
@@ -21,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import subprocess
 import sys
 import tempfile
@@ -29,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, machine, mean, run_rlrun, summarize, table, wait_quiet, write_json  # noqa: E402
+from _common import RL_STAGE, ROOT, machine, mean, run_rlrun, summarize, table, wait_quiet, write_json  # noqa: E402
 
 BATCH, GROUP, MAX_TOKENS, LR, SEED = 16, 8, 12, 3e-3, 0
 TARGET_RATIO = 1.5
@@ -47,7 +50,8 @@ def trl_child(out: Path, steps: int, skip: int) -> None:
 
     from rlrun.config import ModelConfig, TaskConfig
     from rlrun.envs import load_environment
-    from rlrun.model import build_tiny_model, encode_prompt
+    from rlrun.model import build_tiny_model, encode_prompt, special_token_bias
+    from rlrun.orchestrator.loop import step_rng
 
     torch.manual_seed(SEED)
     model_dir = build_tiny_model(out / "model", OmegaConf.structured(ModelConfig()), SEED)
@@ -55,10 +59,9 @@ def trl_child(out: Path, steps: int, skip: int) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     env = load_environment(OmegaConf.structured(TaskConfig()))
 
-    # rlrun's prompts, step by step (rlrun/orchestrator/__main__.py: Random(seed * 1_000_003 + step)).
-    rows = []
+    rows = []  # rlrun's prompts, step by step
     for step in range(1, steps + 1):
-        for ex in env.sample(random.Random(SEED * 1_000_003 + step), BATCH):
+        for ex in env.sample(step_rng(SEED, step), BATCH):
             rows.append({"prompt": ex.prompt, "answer": ex.answer, "text": ex.info["text"]})
     # TRL tokenizes prompts with the tokenizer's special tokens; give it rlrun's [bos] + ids.
     probe = rows[0]["prompt"]
@@ -67,7 +70,6 @@ def trl_child(out: Path, steps: int, skip: int) -> None:
         if tokenizer(bos + probe, add_special_tokens=True)["input_ids"] == encode_prompt(tokenizer, probe):
             rows = [{**r, "prompt": bos + r["prompt"]} for r in rows]
     prompts_match = tokenizer(rows[0]["prompt"])["input_ids"] == encode_prompt(tokenizer, probe)
-    examples = {r["prompt"]: r for r in rows}
 
     def lcs(prompts, completions, **kwargs):
         from rlrun.envs.base import Example
@@ -83,7 +85,8 @@ def trl_child(out: Path, steps: int, skip: int) -> None:
     config = GRPOConfig(
         output_dir=str(out / "trl"), max_steps=steps, per_device_train_batch_size=BATCH * GROUP,
         gradient_accumulation_steps=1, num_generations=GROUP, max_completion_length=MAX_TOKENS,
-        temperature=1.0, top_p=1.0, top_k=0, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
+        temperature=1.0, top_p=1.0, top_k=0, generation_kwargs={"suppress_tokens": sorted(special_token_bias(tokenizer))},
+        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=1.0, beta=0.0, epsilon=0.2, epsilon_high=0.28, loss_type="dapo",
         scale_rewards="group", num_iterations=1, shuffle_dataset=False, seed=SEED, use_cpu=True, bf16=False,
         fp16=False, gradient_checkpointing=False, logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
@@ -117,10 +120,11 @@ def main() -> int:
         return 0
 
     samples = BATCH * GROUP
-    rl_overrides = [f"max_steps={args.steps}", f"seed={SEED}", f"orchestrator.batch_size={BATCH}",
-                    f"orchestrator.group_size={GROUP}", f"orchestrator.max_tokens={MAX_TOKENS}",
-                    "orchestrator.temperature=1.0", f"trainer.lr={LR}", "orchestrator.eval_interval=0",
-                    "trainer.checkpoint_interval=0"]
+    rl_overrides = [*RL_STAGE, "task.reward_weights={exact: 0.0}", f"max_steps={args.steps}", f"seed={SEED}",
+                    f"orchestrator.batch_size={BATCH}", f"orchestrator.group_size={GROUP}",
+                    f"orchestrator.max_tokens={MAX_TOKENS}", "orchestrator.temperature=1.0",
+                    "orchestrator.scale_rewards=group", "trainer.loss_type=dapo", f"trainer.lr={LR}",
+                    "orchestrator.eval_interval=0", "trainer.checkpoint_interval=0"]
     settings = {"steps": args.steps, "skip": args.skip, "batch_size": BATCH, "group_size": GROUP,
                 "max_tokens": MAX_TOKENS, "lr": LR, "seed": SEED, "rlrun_overrides": rl_overrides,
                 "samples_per_step": samples}

@@ -93,9 +93,10 @@ def test_prompt_format_and_lcs_reward():
     ex = env.sample(random.Random(0), 1)[0]
     text = ex.info["text"]
     assert ex.prompt == text + "=" and ex.answer == text[::-1]
-    assert env.score(ex.answer, ex) == {"lcs": 1.0, "exact": 1.0, "reward": 1.0}, "exact is reported, weighted 0"
+    assert env.score(ex.answer, ex) == {"lcs": 1.0, "exact": 1.0, "reward": 2.0}, "reward = lcs + exact"
     assert env.score(ex.answer + "</s>xyz", ex)["exact"] == 1.0 and env.score(ex.answer + "x", ex)["exact"] == 0.0
-    assert ReverseText(TaskConfig(reward_weights={"exact": 1.0})).score(ex.answer, ex)["reward"] == 2.0
+    assert env.score(ex.answer + "x", ex)["reward"] == env.score(ex.answer + "x", ex)["lcs"] < 1.0
+    assert ReverseText(TaskConfig(reward_weights={"exact": 0.0})).score(ex.answer, ex)["reward"] == 1.0
     assert env.score(ex.answer + "</s>", ex)["lcs"] == 1.0  # EOS and trailing newline are not content
     assert env.score(ex.answer + "\n", ex)["lcs"] == 1.0
     assert env.score(ex.answer + "</s>garbage", ex)["lcs"] == 1.0  # nothing after EOS counts

@@ -36,7 +36,7 @@ def run(tmp_path_factory):
     run_dir = tmp / "run"
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     out = run_app(
-        run_dir, "max_steps=6", "log_extras=all", "log_extras.interval=2", "trainer.log_extras.interval=3",
+        run_dir, "max_steps=6", "sft.max_steps=0", "log_extras=all", "log_extras.interval=2", "trainer.log_extras.interval=3",
         "orchestrator.eval_interval=3", "logger=all", "logger.wandb.offline=true", f"logger.mlflow.tracking_uri={uri}",
         env=app_env(tmp, MLFLOW_DISABLE_TELEMETRY="true"), timeout=300,
     )  # fmt: skip
@@ -64,7 +64,7 @@ def test_jsonl_samples_and_distributions(run):
             assert list(row) == SAMPLE_COLUMNS
             assert not any(t in row["completion"] for t in ("<pad>", "<s>", "<unk>")), "no special token but EOS"
             assert row["step"] == record["step"]
-            assert row["reward"] == row["lcs"], "reverse_text: reward is the one function"
+            assert row["reward"] == pytest.approx(row["lcs"] + row["exact"]), "reverse_text: reward = lcs + exact"
             assert row["prompt"].endswith("=") and row["prompt_tokens"] >= 2 and row["completion_tokens"] >= 1
         kinds = [row["selected_as"] for row in rows]
         assert kinds[:2] == ["best reward", "worst reward"] and "random" in kinds
@@ -106,7 +106,8 @@ def test_eval_metrics_and_printed_samples(run):
         for name in ("eval/reward", "eval/reward_std", "eval/rewards/lcs/mean", "eval/rewards/lcs/std",
                      "eval/completions/mean_length", "eval/completions/clipped_ratio", "time/eval"):  # fmt: skip
             assert name in m, (step, name)
-        assert 0.0 <= m["eval/reward"] <= 1.0 and m["eval/reward"] == m["eval/rewards/lcs/mean"]
+        assert 0.0 <= m["eval/reward"] <= 2.0
+        assert m["eval/reward"] == pytest.approx(m["eval/rewards/lcs/mean"] + m["eval/rewards/exact/mean"])
         assert 0.0 < m["time/eval"] <= m["time/step"], "the eval pass is timed, as a part of its step"
     assert "time/eval" not in metrics[2]
 

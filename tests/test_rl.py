@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import app_env, metrics, run_app, spawn_app, wandb_records
+from conftest import app_env, metrics, records, run_app, spawn_app, wandb_records
 
 from rlrun.rundir import wait_for
 
@@ -53,26 +53,30 @@ def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
 # ---------------------------------------------------------------- it trains
 
 
-@pytest.mark.timeout(480)
-def test_default_run_improves_the_policy_and_leaves_the_whole_record(tmp_path):
-    """The default experiment as `make run` starts it: fixed seed, reward up by >= 0.2."""
+@pytest.mark.timeout(600)
+def test_default_run_learns_the_task_and_leaves_the_whole_record(tmp_path):
+    """The default experiment as `make run` starts it (seed 0): SFT, then RL from its weights.
+    Held-out exact matches rise over the SFT checkpoint and completions stop at EOS."""
     run_dir = tmp_path / "run"
-    out = run_app(run_dir, timeout=420)
+    out = run_app(run_dir, timeout=540)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
     for path in (".hydra/config.yaml", "config.yaml", "logs/rl.log", "logs/inference.stdout", "logs/orchestrator.log",
-                 "logs/trainer/rank_0.log", "logs/env_workers/reverse_text.log", "metrics/orchestrator.jsonl",
-                 "metrics/trainer.jsonl", "model/config.json"):  # fmt: skip
+                 "logs/trainer/rank_0.log", "logs/sft/rank_0.log", "logs/env_workers/reverse_text.log",
+                 "metrics/orchestrator.jsonl", "metrics/trainer.jsonl", "metrics/sft.jsonl", "model/config.json",
+                 "sft/model/config.json"):  # fmt: skip
         assert (run_dir / path).is_file(), path
     for sub in ("rollouts", "weights", "checkpoints"):
         assert any((run_dir / sub).iterdir()), sub
     assert len(list((run_dir / "rollouts").glob("step_*"))) <= 3, "old rollouts pruned"
 
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    max_steps = config["max_steps"]
-    orchestrator, trainer = metrics(run_dir, "orchestrator"), metrics(run_dir, "trainer")
+    max_steps, sft_steps = config["max_steps"], config["sft"]["max_steps"]
+    assert sft_steps > 0, "the default run has an SFT stage"
+    orchestrator, trainer, sft = metrics(run_dir, "orchestrator"), metrics(run_dir, "trainer"), metrics(run_dir, "sft")
     assert [r["step"] for r in orchestrator] == list(range(1, max_steps + 1))
     assert [r["step"] for r in trainer] == list(range(1, max_steps + 1))
+    assert [r["step"] for r in sft] == list(range(1, sft_steps + 1))
     for name in ("reward", "reward_std", "rewards/lcs/mean", "rewards/lcs/std", "rewards/exact/mean", "frac_reward_zero_std",
                  "completions/mean_length", "completions/min_length", "completions/max_length",
                  "completions/clipped_ratio", "completions/mean_terminated_length", "num_tokens", "tokens/s",
@@ -83,23 +87,48 @@ def test_default_run_improves_the_policy_and_leaves_the_whole_record(tmp_path):
                  "time/wait_for_batch", "time/forward_backward", "time/save_weights"):  # fmt: skip
         assert name in trainer[-1]["metrics"], name
 
+    # RL starts where SFT stopped and adds exact matches; greedy completions stop at EOS.
+    sft_exact = sft[-1]["metrics"]["eval/rewards/exact/mean"]
+    final_eval = orchestrator[-1]["metrics"]
+    final_exact, eos_share = final_eval["eval/rewards/exact/mean"], 1 - final_eval["eval/completions/clipped_ratio"]
+    assert final_exact >= 0.8 and final_exact - sft_exact >= 0.1, f"exact-match {sft_exact:.3f} -> {final_exact:.3f}"
+    assert eos_share >= 0.95, eos_share
     rewards = [r["metrics"]["reward"] for r in orchestrator]
     k = max(1, len(rewards) // 10)
     first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
     assert last - first >= 0.2, f"reward {first:.3f} -> {last:.3f}"
-    final_eval = orchestrator[-1]["metrics"]
-    eos_share = 1 - final_eval["eval/completions/clipped_ratio"]
     summary = (f"held-out eval at step {max_steps}: reward {final_eval['eval/reward']:.3f}, "
-               f"exact-match {final_eval['eval/rewards/exact/mean']:.3f}, ended with EOS {eos_share:.0%}")
+               f"exact-match {final_exact:.3f}, ended with EOS {eos_share:.0%}")
     assert "mean reward" in (rl_log := (run_dir / "logs" / "rl.log").read_text()) and summary in rl_log, rl_log[-2000:]
     log = (run_dir / "logs" / "orchestrator.log").read_text()
     assert f"eval at step {max_steps} (weights v{max_steps})" in log, "the final evaluation scores the final weights"
+    assert f"optimizer state from {run_dir / 'sft' / 'model' / 'optimizer.pt'}" in (
+        run_dir / "logs" / "trainer" / "rank_0.log").read_text()  # fmt: skip
 
     usage = metrics(run_dir, "monitor")  # monitor=system (the default), sampled by the parent
     assert [r["step"] for r in usage] == list(range(1, len(usage) + 1)) and len(usage) >= 5
     assert {"system/cpu_percent", "system/ram_used_gb", "system/elapsed_s", "system/train_step"} <= set(usage[-1]["metrics"])
     assert all(any(f"system/rss_mb/{job}" in r["metrics"] for r in usage) for job in ("inference", "orchestrator", "trainer"))
     assert usage[-1]["metrics"]["system/train_step"] == max_steps, "the last sample is taken at the end"
+
+
+@pytest.mark.timeout(420)
+def test_rl_only_experiment_raises_its_reward_and_emits_no_special_token(tmp_path):
+    """`+experiment=reverse_text_rl_only`: GRPO from the untrained model on the LCS ratio. Its
+    reward rises; no completion it sampled holds a special token other than EOS."""
+    run_dir = tmp_path / "run"
+    out = run_app(run_dir, "+experiment=reverse_text_rl_only", "log_extras=samples", "log_extras.interval=10",
+                  timeout=360)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert not (run_dir / "metrics" / "sft.jsonl").exists() and not (run_dir / "sft").exists(), "no SFT stage"
+    orchestrator = metrics(run_dir, "orchestrator")
+    rewards = [r["metrics"]["reward"] for r in orchestrator]
+    k = max(1, len(rewards) // 10)
+    first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
+    assert last - first >= 0.2, f"reward {first:.3f} -> {last:.3f}"
+    rows = [row for record in records(run_dir, "orchestrator", "samples") for row in record["rows"]]
+    assert len(rows) >= 100
+    assert not any(t in row["completion"] for row in rows for t in ("<pad>", "<s>", "<unk>")), "no special token but EOS"
 
 
 # ---------------------------------------------------------------- bad input
@@ -129,7 +158,7 @@ def test_bad_input_fails_before_any_job(tmp_path, override, named):
 
 def test_killed_orchestrator_stops_the_whole_run(tmp_path):
     run_dir = tmp_path / "run"
-    proc = spawn_app(run_dir, "max_steps=100000")
+    proc = spawn_app(run_dir, "max_steps=100000", "sft.max_steps=0")
     try:
         _wait_for_step(run_dir, "orchestrator", 3, proc)
         tree = _tree(proc.pid)
@@ -149,7 +178,7 @@ def test_killed_orchestrator_stops_the_whole_run(tmp_path):
 def test_sigterm_flushes_then_resume_logs_each_step_once(tmp_path):
     run_dir = tmp_path / "run"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    common = ["max_steps=30", "trainer.checkpoint_interval=4", "logger=mlflow", f"logger.mlflow.tracking_uri={uri}"]
+    common = ["max_steps=30", "sft.max_steps=0", "trainer.checkpoint_interval=4", "logger=mlflow", f"logger.mlflow.tracking_uri={uri}"]
     proc = spawn_app(run_dir, *common)
     try:
         _wait_for_step(run_dir, "trainer", 10, proc)
@@ -189,7 +218,7 @@ def test_two_ranks_and_two_trackers_offline(tmp_path):
     run_dir = tmp_path / "run"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = run_app(
-        run_dir, "max_steps=3", "trainer.num_ranks=2", "name=exp", "logger=wandb+mlflow", "logger.wandb.offline=true",
+        run_dir, "max_steps=3", "sft.max_steps=0", "trainer.num_ranks=2", "name=exp", "logger=wandb+mlflow", "logger.wandb.offline=true",
         f"logger.mlflow.tracking_uri={uri}", f"logger.wandb.api_key={SECRET}",
         env=app_env(tmp_path, HF_TOKEN="hf_" + "T0k3n" * 8), timeout=300,
     )  # fmt: skip

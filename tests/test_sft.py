@@ -51,7 +51,7 @@ def test_sft_data_file_must_exist(hydra_compose, tmp_path):
 @pytest.mark.slow
 def test_sft_stage_runs_first_and_rl_starts_from_its_weights(tmp_path):
     run_dir = tmp_path / "run"
-    out = run_app(run_dir, "sft.max_steps=40", "sft.eval_interval=20", "max_steps=2", timeout=240)
+    out = run_app(run_dir, "sft.max_steps=40", "sft.eval_interval=20", "max_steps=2", "trainer.lr=2e-4", timeout=240)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
     sft = metrics(run_dir, "sft")
@@ -69,7 +69,7 @@ def test_sft_stage_runs_first_and_rl_starts_from_its_weights(tmp_path):
     assert rl_log.index("sft stage finished") < rl_log.index("started inference"), "SFT first, then RL"
     trainer_log = (run_dir / "logs" / "trainer" / "rank_0.log").read_text()
     assert f"{run_dir / 'sft' / 'model'}, steps 1..2" in trainer_log, "RL trains the SFT stage's policy"
-    assert f"optimizer state from {run_dir / 'sft' / 'model' / 'optimizer.pt'} (lr 0.003)" in trainer_log
+    assert f"optimizer state from {run_dir / 'sft' / 'model' / 'optimizer.pt'} (lr 0.0002)" in trainer_log, "SFT's AdamW state, at RL's lr"
     assert [r["step"] for r in metrics(run_dir, "trainer")] == [1, 2]
 
     again = run_app(run_dir, f"resume_from={run_dir}", "sft.max_steps=40", "max_steps=3", timeout=240)

@@ -73,7 +73,7 @@ def test_experiment_lr_sweep_plans_six_jobs():
     jobs = callback.plan_jobs(cfg)
     assert len(jobs) == 6
     assert {tuple(sorted(j)) for j in jobs} == {
-        ("+experiment=lr_sweep", f"seed={s}", f"trainer.lr={lr}") for lr in ("0.001", "0.003", "0.01") for s in (0, 1)
+        ("+experiment=lr_sweep", f"seed={s}", f"trainer.lr={lr}") for lr in ("3e-05", "0.0001", "0.0003") for s in (0, 1)
     }
 
 

@@ -185,7 +185,7 @@ def test_rlrun_inference_vllm_fails_before_any_job(tmp_path):
     """The real entrypoint here: no vLLM (and no GPU) -> exit 2, a clear message, no job."""
     run_dir = tmp_path / "run"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # even where vLLM is installed, no GPU is visible
-    proc = run_app(run_dir, "inference=vllm", "max_steps=1", timeout=240, env=env)
+    proc = run_app(run_dir, "inference=vllm", "max_steps=1", "sft.max_steps=0", timeout=240, env=env)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2, output
     assert "could not start the run: inference=vllm needs" in output

@@ -4,9 +4,9 @@ Prompt: the string followed by `=`, e.g. `"abcd="`; answer: `"dcba"`; a perfect 
 is `dcba</s>`. Reward `lcs`: the longest-common-subsequence ratio
 `2 * LCS(answer, completion) / (len(answer) + len(completion))`, in [0, 1]: 1 for the exact
 reverse, 0 for an empty completion or one sharing no character in order. `exact`: 1 when the
-completion, up to its end-of-sequence, is the reverse and nothing else; reported as
-`rewards/exact/*` and weighted 0 in `reward` unless `task.reward_weights.exact` says otherwise.
-Both see the completion as emitted (special tokens as text), cut at the first EOS.
+completion, up to its end-of-sequence, is the reverse and nothing else. `reward` is their sum
+(0..2; `task.reward_weights.<fn>` reweighs, e.g. `exact: 0` for the LCS ratio alone). Both see
+the completion as emitted (special tokens as text), cut at the first EOS.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ def lcs_ratio(answer: str, completion: str) -> float:
 
 class ReverseText(Environment):
     name = "reverse_text"
-    default_reward_weights = {"exact": 0.0}
 
     def __init__(self, cfg):
         super().__init__(cfg)

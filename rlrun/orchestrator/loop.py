@@ -24,6 +24,12 @@ if TYPE_CHECKING:
     from rlrun.orchestrator.rollout import Rollout
 
 
+def step_rng(seed: int, step: int) -> random.Random:
+    """The random source of one step's prompts and sampling seed: a resumed step (or anyone
+    replaying the run, e.g. to find strings it never trained on) gets the same prompts."""
+    return random.Random(seed * 1_000_003 + step)
+
+
 class Orchestrator:
     """The task, the inference client, the env workers and the tracker; `run()` to `max_steps`."""
 
@@ -87,7 +93,7 @@ class Orchestrator:
         # Off-policy bound: generating step s needs the policy after s-1-max_async_steps updates.
         self._sync_weights(step - 1 - ocfg.max_async_steps)
 
-        rng = random.Random(cfg.seed * 1_000_003 + step)  # a resumed step samples the same prompts
+        rng = step_rng(cfg.seed, step)
         examples = self.env.sample(rng, ocfg.batch_size)
         prompt_ids = [encode_prompt(self.tokenizer, ex.prompt) for ex in examples]
         with tracker.timer("generate") as generate:
