@@ -120,7 +120,7 @@ def main() -> int:
         return 0
 
     samples = BATCH * GROUP
-    rl_overrides = [*RL_STAGE, "task.reward_weights={exact: 0.0}", f"max_steps={args.steps}", f"seed={SEED}",
+    rl_overrides = [*RL_STAGE, "+task.reward_weights.exact=0.0", f"max_steps={args.steps}", f"seed={SEED}",
                     f"orchestrator.batch_size={BATCH}", f"orchestrator.group_size={GROUP}",
                     f"orchestrator.max_tokens={MAX_TOKENS}", "orchestrator.temperature=1.0",
                     "orchestrator.scale_rewards=group", "trainer.loss_type=dapo", f"trainer.lr={LR}",

@@ -98,7 +98,7 @@ def test_default_run_learns_the_task_and_leaves_the_whole_record(tmp_path):
     first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
     assert last - first >= 0.2, f"reward {first:.3f} -> {last:.3f}"
     summary = (f"held-out eval at step {max_steps}: reward {final_eval['eval/reward']:.3f}, "
-               f"exact-match {final_exact:.3f}, ended with EOS {eos_share:.0%}")
+               f"exact-match {final_exact:.3f} (after SFT {sft_exact:.3f}), ended with EOS {eos_share:.0%}")
     assert "mean reward" in (rl_log := (run_dir / "logs" / "rl.log").read_text()) and summary in rl_log, rl_log[-2000:]
     log = (run_dir / "logs" / "orchestrator.log").read_text()
     assert f"eval at step {max_steps} (weights v{max_steps})" in log, "the final evaluation scores the final weights"

@@ -110,7 +110,8 @@ def _fake_vllm_here(monkeypatch, gpus: str) -> None:
 
 def test_job_commands_carry_each_jobs_gpus(hydra_compose, tiny_model, monkeypatch):
     _fake_vllm_here(monkeypatch, "4,5,6,7")
-    cfg = hydra_compose(*OVERRIDES, "trainer.device=cuda", "trainer.num_ranks=2", "inference.port=8123")
+    cfg = hydra_compose(*OVERRIDES, "trainer.device=cuda", "trainer.num_ranks=2", "inference.port=8123",
+                        "sft.max_steps=0")  # with an SFT stage vLLM would serve <run>/sft/model  # fmt: skip
     run_dir = tiny_model.parent  # resolve_model_path finds the tiny model there (and leaves it as it is)
     launch = vllm_launch(cfg, run_dir)
     assert launch.env == {"CUDA_VISIBLE_DEVICES": "4,5", "VLLM_SERVER_DEV_MODE": "1"}

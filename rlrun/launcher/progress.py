@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from rlrun.tracking.record import RecordTail, record_path
+from rlrun.tracking.record import RecordTail, last_metric, record_path
 
 
 class RunProgress:
@@ -21,6 +21,7 @@ class RunProgress:
 
     def __init__(self, run_dir: Path, max_steps: int, console: Console | None = None) -> None:
         self.max_steps = max_steps
+        self.sft_record = record_path(run_dir, "sft")  # an SFT stage's last evaluation: where RL started
         self.orchestrator = RecordTail(record_path(run_dir, "orchestrator"))
         self.trainer = RecordTail(record_path(run_dir, "trainer"))
         self.rewards: dict[int, float] = {}
@@ -52,7 +53,8 @@ class RunProgress:
         )
 
     def summary(self) -> str:
-        """Mean reward of the first and last 10% of steps; the newest held-out evaluation."""
+        """Mean reward of the first and last 10% of steps; the newest held-out evaluation (and the
+        SFT stage's, where RL started from)."""
         steps = sorted(self.rewards)
         if not steps:
             return "no steps were recorded"
@@ -65,6 +67,9 @@ class RunProgress:
             text += f"; held-out eval at step {step}: reward {ev['eval/reward']:.3f}"
             if "eval/rewards/exact/mean" in ev:  # tasks with an exact-match reward function
                 text += f", exact-match {ev['eval/rewards/exact/mean']:.3f}"
+                sft_exact = last_metric(self.sft_record, "eval/rewards/exact/mean")
+                if sft_exact is not None:
+                    text += f" (after SFT {sft_exact:.3f})"
             if "eval/completions/clipped_ratio" in ev:
                 text += f", ended with EOS {1 - ev['eval/completions/clipped_ratio']:.0%}"
         return text
