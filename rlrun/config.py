@@ -57,6 +57,7 @@ class ModelConfig:
     num_layers: int = 2
     num_heads: int = 4
     intermediate_size: int = 128
+    max_position_embeddings: int = checked(64, gt=0)  # the longest prompt + completion, in tokens
 
 
 @dataclass
@@ -121,8 +122,7 @@ def validate(cfg: DictConfig) -> None:
     """Check what types cannot; raise ConfigError naming the first bad key."""
     _check_schema(cfg)
     check_fields(cfg)
-    if cfg.task.max_chars < cfg.task.min_chars:
-        raise ConfigError(f"task.max_chars={cfg.task.max_chars}: must be >= task.min_chars ({cfg.task.min_chars})")
+    _check_task(cfg.task)
     if cfg.sft.data is not None and not Path(cfg.sft.data).expanduser().is_file():
         raise ConfigError(f"sft.data={cfg.sft.data!r}: no such file (a jsonl of prompt/completion pairs)")
     if cfg.model.name == "hf":
@@ -132,6 +132,23 @@ def validate(cfg: DictConfig) -> None:
         looks_local = path.startswith((".", "/", "~")) or os.path.exists(path)
         if looks_local and not Path(path).expanduser().is_dir():
             raise ConfigError(f"model.path={path!r}: no such model directory")
+
+
+def _check_task(task: DictConfig) -> None:
+    """Each environment's own settings (an unknown dataset or env id fails here, listing what
+    exists); imports the environments' modules, so it runs at launch, not for `--cfg job`."""
+    from rlrun.envs import MIXTURE, env_configs, environment_class
+
+    if task.name == MIXTURE and not task.envs:
+        raise ConfigError("task.envs: a mixture needs at least one environment (key -> {name: ..., weight: ...})")
+    for key, env_cfg in env_configs(task).items():
+        where = f"task.envs.{key}." if task.name == MIXTURE else "task."
+        try:
+            environment_class(env_cfg.name).check_config(env_cfg)
+        except ImportError as exc:
+            raise ConfigError(f"{where}name={env_cfg.name!r}: {exc} (pip install 'rlrun[envs]')") from None
+        except ValueError as exc:
+            raise ConfigError(f"{where}{exc}") from None
 
 
 def fill_job_log_extras(cfg: DictConfig) -> None:

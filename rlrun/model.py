@@ -35,7 +35,7 @@ BASE_CHARS = "".join(chr(i) for i in range(32, 127)) + "\n\t"
 # ---------------------------------------------------------------- the tiny model
 
 
-def build_tokenizer(alphabet_extra: str = ""):
+def build_tokenizer(alphabet_extra: str = "", model_max_length: int = 64):
     """A character-level tokenizer: every character is one token, decoding joins them as-is.
 
     A BPE model with no merges splits text into single characters (unknown ones become
@@ -60,7 +60,7 @@ def build_tokenizer(alphabet_extra: str = ""):
         add_bos_token=True,  # explicit: the saved post-processor prepends <s>
         add_eos_token=False,
         clean_up_tokenization_spaces=False,
-        model_max_length=64,
+        model_max_length=model_max_length,
     )
 
 
@@ -75,7 +75,7 @@ def build_tiny_model(out_dir: str | Path, cfg: "ModelConfig", seed: int, alphabe
     hf_logging.disable_progress_bar()
 
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer(alphabet_extra)
+    tokenizer = build_tokenizer(alphabet_extra, cfg.max_position_embeddings)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
@@ -83,7 +83,7 @@ def build_tiny_model(out_dir: str | Path, cfg: "ModelConfig", seed: int, alphabe
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_heads,
-        max_position_embeddings=64,
+        max_position_embeddings=cfg.max_position_embeddings,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -40,6 +40,10 @@ class Example:
     prompt: str  # the text the policy sees (tokenized by rlrun.model.encode_prompt)
     answer: str  # the reference the reward functions compare against
     info: dict[str, Any] = field(default_factory=dict)
+    env: str = ""  # the key of the environment it came from (set by the task's Mixture)
+    # The prompt as chat messages ([{"role", "content"}]), for models with a chat template;
+    # None: `prompt` is the text the policy sees.
+    messages: list[dict[str, str]] | None = None
 
 
 class Environment(ABC):
@@ -49,8 +53,13 @@ class Environment(ABC):
     # (0: reported as `rewards/<fn>/*`, not part of `reward`).
     default_reward_weights: dict[str, float] = {}
 
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """Raise ValueError, naming the key and what exists, for settings this environment
+        cannot use (an unknown dataset or id). Runs in the launcher before any job starts."""
+
     def __init__(self, cfg: Any):
-        """`cfg` is the `task` config node (rlrun.config.TaskConfig)."""
+        """`cfg` is this environment's config node (rlrun.envs.config.EnvConfig)."""
         self.cfg = cfg
         self.reward_weights: dict[str, float] = dict(getattr(cfg, "reward_weights", None) or {})
 

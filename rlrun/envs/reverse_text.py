@@ -40,6 +40,11 @@ def lcs_ratio(answer: str, completion: str) -> float:
 class ReverseText(Environment):
     name = "reverse_text"
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.max_chars < cfg.min_chars:
+            raise ValueError(f"max_chars={cfg.max_chars}: must be >= min_chars ({cfg.min_chars})")
+
     def __init__(self, cfg):
         super().__init__(cfg)
         self.alphabet = str(cfg.alphabet)

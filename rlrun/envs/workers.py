@@ -7,9 +7,16 @@ incident, starts a fresh executor and re-scores every chunk that had not come ba
 rollout is lost (up to `max_retries` restarts per call).
 
 Worker logs: with `env_workers.file_logs=true` every worker of environment `<env>` appends
-to `<log_dir>/env_workers/<env>.log`, each line naming the worker (`<env>/w<index>`, pid).
-Otherwise the workers' records travel back with their results and are written through the
-pool owner's (the orchestrator's) logger. Workers are spawned fresh and import neither
+to `<log_dir>/env_workers/<env>.log`, each line naming the worker (`<env>/w<index>`, pid);
+with `env_workers.per_worker_logs=true` each worker writes its own
+`<log_dir>/env_workers/<env>/worker_<n>.log`. Otherwise the workers' records travel back with
+their results and are written through the pool owner's (the orchestrator's) logger.
+
+Bad scorers do not stop training: a reward function that raises scores that completion 0
+(every reward function, and the total), and one still running after
+`env_workers.score_timeout_s` is interrupted (SIGALRM in the worker) and scores 0 too. Each
+kind of error is logged once, at its first occurrence, in the env's log and the owner's log;
+`take_error_counts()` hands the owner the counts since its last call (`<env>/errors/*`). Workers are spawned fresh and import neither
 torch nor transformers, so they start in a fraction of a second.
 
 Workers are *spawned*: like any spawn-based multiprocessing, the entry script of the pool's
@@ -23,9 +30,11 @@ import importlib
 import logging
 import math
 import os
+import signal
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, is_dataclass
@@ -43,21 +52,32 @@ WORKER_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {extra[job]} pid={pr
 _ENV: Environment | None = None
 _STARTED = None  # a Barrier of all the pool's workers, so start-up waits for each of them
 _RECORDS: list[tuple[str, str]] = []  # (level, line) to hand back when not logging to a file
+_TIMEOUT_S = 30.0
+_SEEN_ERRORS: set[str] = set()  # kinds of scoring error this worker has logged
+
+
+class ScoreTimeout(Exception):
+    """A completion was still being scored after `env_workers.score_timeout_s`."""
 
 
 def _init_worker(
-    task: dict, factory: str | None, level: str, env_level: str, log_file: str | None, counter, started
-) -> None:
-    """Per worker: its own logger (file or hand-back buffer), then the environment."""
-    global _ENV, _STARTED
-    _STARTED = started
+    task: dict, factory: str | None, level: str, env_level: str, log_file: str | None, counter, started,
+    key: str = "", timeout_s: float = 30.0,
+) -> None:  # fmt: skip
+    """Per worker: its own logger (file or hand-back buffer), then the environment.
+
+    `log_file` may hold `{worker}`: one file per worker (`per_worker_logs`)."""
+    global _ENV, _STARTED, _TIMEOUT_S
+    _STARTED, _TIMEOUT_S = started, timeout_s
     with counter.get_lock():
         index = counter.value
         counter.value += 1
     reset_logger()  # in case the start method inherited the parent's logger
-    logger = setup_logger(level, None, job=f"{task['name']}/w{index}")
+    logger = setup_logger(level, None, job=f"{key or task['name']}/w{index}")
     logger.remove()  # no stdout sink: the lines go to the shared file or back to the parent
     if log_file is not None:
+        log_file = log_file.replace("{worker}", str(index))
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         # Append: every worker of this environment shares the file (the pool started it fresh).
         logger.add(log_file, level=level.upper(), format=WORKER_FORMAT, mode="a", colorize=False, encoding="utf-8")
     else:
@@ -93,11 +113,34 @@ def _hello() -> tuple[int, list[tuple[str, str]]]:
     return os.getpid(), _take_records()
 
 
-def _score_chunk(completions: list[str], examples: list[Example]) -> tuple[list[dict[str, float]], list]:
+def _on_alarm(signum, frame) -> None:
+    raise ScoreTimeout(f"scoring took longer than env_workers.score_timeout_s={_TIMEOUT_S:g}")
+
+
+def _score_one(completion: str, example: Example) -> tuple[dict[str, float], str | None]:
+    """The env's scores, or all zeros and the kind of error (`score: <type>` / `timeout`)."""
+    previous = signal.signal(signal.SIGALRM, _on_alarm)  # tasks run on the worker's main thread
+    signal.setitimer(signal.ITIMER_REAL, _TIMEOUT_S)
+    try:
+        return _ENV.score(completion, example), None
+    except ScoreTimeout as exc:
+        kind, error = "timeout", exc
+    except Exception as exc:  # a reward function's bug must not stop training: score 0, report it
+        kind, error = f"score: {type(exc).__name__}", exc
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    if kind not in _SEEN_ERRORS:
+        _SEEN_ERRORS.add(kind)
+        get_logger().warning(f"{kind}: {error} (scored 0; logged once per kind, counted in <env>/errors/*)")
+    return {**dict.fromkeys(_ENV.reward_fns, 0.0), "reward": 0.0}, kind
+
+
+def _score_chunk(completions: list[str], examples: list[Example]) -> tuple[list[dict[str, float]], list, list]:
     start = time.perf_counter()
-    scores = [_ENV.score(c, e) for c, e in zip(completions, examples)]
-    get_logger().debug(f"scored {len(scores)} completions in {1e3 * (time.perf_counter() - start):.1f} ms")
-    return scores, _take_records()
+    results = [_score_one(c, e) for c, e in zip(completions, examples)]
+    get_logger().debug(f"scored {len(results)} completions in {1e3 * (time.perf_counter() - start):.1f} ms")
+    return [s for s, _ in results], [kind for _, kind in results if kind], _take_records()
 
 
 # ---------------------------------------------------------------- in the pool's owner
@@ -112,28 +155,42 @@ class EnvWorkerPool:
         *,
         env_factory: str | None = None,
         max_retries: int = 3,
+        name: str | None = None,
     ):
-        """Start `workers_cfg.num_workers` workers for the environment `task_cfg.name`.
+        """Start `workers_cfg.num_workers` workers for the environment `task_cfg`.
 
+        `name` is the env's key in the task (default: its `name`), which names its log file;
         `log_dir` is the run's `logs/` directory; `env_factory` ("module:Class") builds an
         environment that is not in the registry (plugins, tests).
         """
         self._task = _plain(task_cfg)
-        self.env_name: str = self._task["name"]
+        self.env_name: str = name or self._task["name"]
         self.num_workers = int(workers_cfg.num_workers)
         self.max_retries = max_retries
         self.restarts = 0
+        self.errors: Counter[str] = Counter()  # kinds of scoring error since take_error_counts()
+        self._errors_seen: set[str] = set()
         self.log_file: Path | None = None
+        log_spec: str | None = None
         if workers_cfg.file_logs and log_dir is not None:
-            self.log_file = Path(log_dir) / "env_workers" / f"{self.env_name}.log"
-            self.log_file.parent.mkdir(parents=True, exist_ok=True)
-            self.log_file.write_text("")  # a fresh file per run, which the workers then append to
+            root = Path(log_dir) / "env_workers"
+            if getattr(workers_cfg, "per_worker_logs", False):
+                self.log_file = root / self.env_name
+                self.log_file.mkdir(parents=True, exist_ok=True)
+                for old in self.log_file.glob("worker_*.log"):
+                    old.unlink()  # a fresh set per run, which the workers then append to
+                log_spec = str(self.log_file / "worker_{worker}.log")
+            else:
+                self.log_file = root / f"{self.env_name}.log"
+                self.log_file.parent.mkdir(parents=True, exist_ok=True)
+                self.log_file.write_text("")  # a fresh file per run, which the workers then append to
+                log_spec = str(self.log_file)
         self._ctx = get_context("spawn")  # a clean interpreter: no inherited threads, torch or logger
         self._counter = self._ctx.Value("i", 0)  # worker indices, continued across restarts
         self._initargs = (
-            self._task, env_factory, str(workers_cfg.level), str(workers_cfg.env_level),
-            None if self.log_file is None else str(self.log_file), self._counter,
+            self._task, env_factory, str(workers_cfg.level), str(workers_cfg.env_level), log_spec, self._counter,
         )
+        self._init_extra = (self.env_name, float(getattr(workers_cfg, "score_timeout_s", 30.0)))
         self.pids: list[int] = []  # the live workers' process ids
         self._pool = self._start()
 
@@ -141,8 +198,9 @@ class EnvWorkerPool:
         """A new executor with every worker started (start-up errors surface here, not mid-run)."""
         started = self._ctx.Barrier(self.num_workers, timeout=timeout_s)
         pool = ProcessPoolExecutor(
-            self.num_workers, mp_context=self._ctx, initializer=_init_worker, initargs=(*self._initargs, started)
-        )
+            self.num_workers, mp_context=self._ctx, initializer=_init_worker,
+            initargs=(*self._initargs, started, *self._init_extra),
+        )  # fmt: skip
         pids = []
         try:
             for future in [pool.submit(_hello) for _ in range(self.num_workers)]:
@@ -174,6 +232,7 @@ class EnvWorkerPool:
                     f"env workers of {self.env_name!r} kept dying; gave up after {self.max_retries} restarts"
                 ) from lost
             self.restarts += 1
+            self.errors["worker_restarts"] += 1
             _log(
                 "WARNING",
                 f"an env worker of {self.env_name!r} died ({lost}); restarting the pool and re-scoring "
@@ -201,9 +260,26 @@ class EnvWorkerPool:
             elif error is not None:
                 raise error  # a bug in a reward function fails loudly
             else:
-                results[i], records = future.result()
+                results[i], kinds, records = future.result()
                 self._forward(records)
+                self._count(kinds)
         return broken
+
+    def _count(self, kinds: list[str]) -> None:
+        for kind in kinds:
+            self.errors[kind] += 1
+            if kind not in self._errors_seen:  # the owner's log names each kind once; the env log has the message
+                self._errors_seen.add(kind)
+                where = f" (see {self.log_file})" if self.log_file else ""
+                _log("WARNING", f"env {self.env_name!r}: {kind} while scoring; that completion scored 0{where}")
+
+    def take_error_counts(self) -> dict[str, int]:
+        """Counts since the last call: `score` (a reward function raised), `timeout`, `worker_restarts`."""
+        counts = {"score": 0, "timeout": 0, "worker_restarts": 0}
+        for kind, n in self.errors.items():
+            counts["score" if kind.startswith("score") else kind] += n
+        self.errors.clear()
+        return counts
 
     def _forward(self, records: list[tuple[str, str]]) -> None:
         """Write worker records handed back (file_logs off) through this process's logger."""

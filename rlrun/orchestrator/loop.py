@@ -34,7 +34,7 @@ class Orchestrator:
     """The task, the inference client, the env workers and the tracker; `run()` to `max_steps`."""
 
     def __init__(self, cfg: Any, run_dir: Path, stop: StopFlag) -> None:
-        from rlrun.envs import load_environment
+        from rlrun.envs import env_configs, load_task
         from rlrun.envs.workers import EnvWorkerPool
         from rlrun.inference.client import InferenceClient
         from rlrun.log import get_logger
@@ -47,12 +47,12 @@ class Orchestrator:
         self.xcfg = self.ocfg.log_extras  # this job's log_extras (the top-level group unless overridden)
         self.log = get_logger()
         self.tokenizer = load_tokenizer(policy_path(cfg, run_dir), cfg.model.trust_remote_code)
-        self.env = load_environment(cfg.task)
+        self.env = load_task(cfg.task)  # a Mixture of the task's environments (often one)
         # What is emitted is what is scored: no special token but EOS unless asked for.
         self.logit_bias = {} if self.ocfg.allow_special_tokens else special_token_bias(self.tokenizer)
         self.evaluator = None  # the held-out prompts, tokenized once
         if self.ocfg.eval_interval > 0:
-            self.evaluator = Evaluator(self.env, self.tokenizer, cfg.task.num_eval_prompts, self.ocfg.max_tokens,
+            self.evaluator = Evaluator(self.env, self.tokenizer, self.env.num_eval_prompts, self.ocfg.max_tokens,
                                        self.ocfg.num_val_samples_to_print, self.logit_bias)  # fmt: skip
         url = f"http://{cfg.inference.host}:{cfg.inference.port}"
         self.client = InferenceClient(url, timeout=self.ocfg.request_timeout_s)
@@ -60,7 +60,9 @@ class Orchestrator:
         self.start = resume_step(run_dir) + 1
         self.tracker = Tracker(cfg.logger, job="orchestrator", output_dir=run_dir, run_name=cfg.name,
                                max_table_rows=self.xcfg.max_rows)  # fmt: skip
-        self.pool = EnvWorkerPool(cfg.task, cfg.env_workers, run_dir / "logs")
+        # One pool of workers per environment, each with its own log file.
+        self.pools = {key: EnvWorkerPool(env_cfg, cfg.env_workers, run_dir / "logs", name=key)
+                      for key, env_cfg in env_configs(cfg.task).items()}  # fmt: skip
         previous = [r for r in read_metrics(self.tracker.jsonl_file) if r["step"] < self.start]
         self.num_tokens = previous[-1]["metrics"].get("num_tokens", 0.0) if previous else 0.0  # TRL's is cumulative
         self.loaded_version = 0  # inference starts from the initial model
@@ -76,7 +78,8 @@ class Orchestrator:
             for step in range(self.start, self.cfg.max_steps + 1):
                 self.step(step)
         finally:
-            self.pool.close()
+            for pool in self.pools.values():
+                pool.close()
             self.tracker.finish()
             self.client.close()
 
@@ -100,8 +103,7 @@ class Orchestrator:
             groups = self.client.complete(prompt_ids, n=ocfg.group_size, max_tokens=ocfg.max_tokens,
                                           temperature=ocfg.temperature, seed=rng.randrange(2**31),
                                           logit_bias=self.logit_bias)  # fmt: skip
-        rollouts = [Rollout(ex, ids, c, env=self.env.name) for ex, ids, group in zip(examples, prompt_ids, groups)
-                    for c in group]  # fmt: skip
+        rollouts = [Rollout(ex, ids, c) for ex, ids, group in zip(examples, prompt_ids, groups) for c in group]
         with tracker.timer("score"):
             self._score(rollouts)
         advantages = group_advantages([r.reward for r in rollouts], ocfg.group_size, ocfg.scale_rewards)
@@ -122,7 +124,7 @@ class Orchestrator:
             if step == cfg.max_steps:  # the final evaluation scores the final weights
                 self._sync_weights(step)
             with tracker.timer("eval"):
-                eval_metrics = self.evaluator.evaluate(step, self.client, self.pool, self.log, self.loaded_version)
+                eval_metrics = self.evaluator.evaluate(step, self.client, self, self.log, self.loaded_version)
         if (self.xcfg.samples or self.xcfg.distributions) and is_logging_step(step, self.xcfg.interval):
             log_rollout_extras(tracker, self.xcfg, step, random.Random(f"{cfg.seed}/samples/{step}"), rollouts)
 
@@ -168,11 +170,19 @@ class Orchestrator:
             self.loaded_version = version
 
     def _score(self, rollouts: list[Rollout]) -> None:
-        """Each rollout's text and rewards, scored in the env workers."""
+        """Each rollout's text and rewards, scored in its environment's workers."""
         from rlrun.model import decode_completion
 
         for r in rollouts:
             r.text = decode_completion(self.tokenizer, r.completion_ids)
-        scores = self.pool.score([r.text for r in rollouts], [r.example for r in rollouts])
-        for r, s in zip(rollouts, scores, strict=True):
+        for r, s in zip(rollouts, self.score([r.text for r in rollouts], [r.example for r in rollouts]), strict=True):
             r.scores = s
+
+    def score(self, texts: list[str], examples: list[Any]) -> list[dict[str, float]]:
+        """Scores in input order, each completion scored by the pool of its example's env."""
+        scores: list[dict[str, float] | None] = [None] * len(texts)
+        for key, pool in self.pools.items():
+            mine = [i for i, ex in enumerate(examples) if ex.env == key]
+            for i, s in zip(mine, pool.score([texts[i] for i in mine], [examples[i] for i in mine]), strict=True):
+                scores[i] = s
+        return scores  # type: ignore[return-value]

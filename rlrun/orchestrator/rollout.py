@@ -26,10 +26,14 @@ class Rollout:
     example: Example  # the prompt's text and reference answer
     prompt_ids: list[int]
     completion: Completion  # token ids, the sampler's logprobs, finish reason
-    env: str = ""  # the environment that scores it
     text: str = ""  # the completion as the scorer saw it
     scores: dict[str, float] = field(default_factory=dict)  # each reward function, plus the total `reward`
     advantage: float = 0.0
+
+    @property
+    def env(self) -> str:
+        """The key of the environment that scores it."""
+        return self.example.env
 
     @property
     def reward(self) -> float:

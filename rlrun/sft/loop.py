@@ -47,7 +47,7 @@ class SftTrainer:
     """The policy, its optimizer, the data and the tracker on one rank; `run()` to `sft.max_steps`."""
 
     def __init__(self, cfg: Any, run_dir: Path, stop: StopFlag, ranks: Ranks) -> None:
-        from rlrun.envs import load_environment
+        from rlrun.envs import load_task
         from rlrun.inference.engine import Engine
         from rlrun.log import get_logger
         from rlrun.model import load_model, resolve_model_path, special_token_bias
@@ -70,10 +70,10 @@ class SftTrainer:
 
             device_ids = [ranks.device.index] if ranks.device.type == "cuda" else None
             self.model = DistributedDataParallel(model, device_ids=device_ids)
-        self.env = load_environment(cfg.task)
+        self.env = load_task(cfg.task)
         self.data = batches(self.env, self.scfg.data, self.scfg.batch_size, cfg.seed)
         bias = {} if cfg.orchestrator.allow_special_tokens else special_token_bias(self.tokenizer)  # as RL samples
-        self.evaluator = Evaluator(self.env, self.tokenizer, cfg.task.num_eval_prompts, cfg.orchestrator.max_tokens,
+        self.evaluator = Evaluator(self.env, self.tokenizer, self.env.num_eval_prompts, cfg.orchestrator.max_tokens,
                                    cfg.orchestrator.num_val_samples_to_print, bias)  # fmt: skip
         self.sampler = _LocalSampler(Engine(model, self.tokenizer, device=str(ranks.device)))
         self.num_tokens = 0.0
