@@ -66,7 +66,7 @@ def unseen_quality(run_dir: Path, num_strings: int = 200) -> dict[str, float]:
     seen = {ex.prompt for ex in env.sample(random.Random(0), cfg.task.num_eval_prompts, split="eval")}
     sft_batches = batches(env, None, cfg.sft.batch_size, cfg.seed)
     for _ in range(cfg.sft.max_steps if cfg.sft.data is None else 0):
-        seen |= {prompt for prompt, _ in next(sft_batches)}
+        seen |= {ex.prompt for ex, _ in next(sft_batches)}
     for step in range(1, cfg.max_steps + 1):
         seen |= {ex.prompt for ex in env.sample(step_rng(cfg.seed, step), cfg.orchestrator.batch_size)}
     fresh, rng = {}, random.Random(12345)

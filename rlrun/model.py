@@ -180,6 +180,20 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return ids if bos is None else [bos, *ids]
 
 
+def encode_example(tokenizer, example: Any) -> list[int]:
+    """An example's prompt as the policy sees it: its chat messages through the tokenizer's chat
+    template (with the generation prompt) when the example has messages and the tokenizer a
+    template (`model=hf` chat models); else `encode_prompt` of its text. A plain str is text.
+
+    The template's text is tokenized without adding special tokens: templates write their own.
+    """
+    messages = getattr(example, "messages", None)
+    if messages and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        return tokenizer.encode(text, add_special_tokens=False)
+    return encode_prompt(tokenizer, getattr(example, "prompt", example))
+
+
 def decode_completion(tokenizer, token_ids: list[int]) -> str:
     """A completion as text with every token it holds, special tokens shown as themselves.
 

@@ -72,6 +72,19 @@ class GatedReverse(ReverseText):
         return super().lcs(completion, example)
 
 
+class FaultyReverse(ReverseText):
+    """ReverseText whose `lcs` raises on completions starting with "boom" and hangs on "hang"."""
+
+    def lcs(self, completion, example):
+        if completion.startswith("boom"):
+            raise ZeroDivisionError("a bug in the reward function")
+        if completion.startswith("hang"):
+            import time
+
+            time.sleep(600)
+        return super().lcs(completion, example)
+
+
 def _dead(pid: int) -> bool:
     """The process has exited (a zombie not yet reaped by the pool counts)."""
     try:
@@ -261,3 +274,71 @@ def test_pool_gives_up_when_workers_keep_dying(examples):
 def test_pool_start_failure_is_clear():
     with pytest.raises(RuntimeError, match="failed to start"):
         EnvWorkerPool(TaskConfig(), EnvWorkersConfig(num_workers=1), None, env_factory=f"{HERE}:NoSuchEnv")
+
+
+def test_a_raising_or_hanging_scorer_scores_zero_and_is_counted_and_logged_once(tmp_path, examples):
+    setup_logger("INFO", tmp_path / "orchestrator.log", job="orchestrator")
+    env = ReverseText(TaskConfig())
+    examples = examples[:6]
+    completions = ["boom", examples[1].answer, "boom!", "hang", examples[4].answer, "hang2"]
+    workers = EnvWorkersConfig(num_workers=1, score_timeout_s=0.5)
+    with EnvWorkerPool(TaskConfig(), workers, tmp_path / "logs", env_factory=f"{HERE}:FaultyReverse") as pool:
+        scores = pool.score(completions, examples)
+        assert pool.take_error_counts() == {"score": 2, "timeout": 2, "worker_restarts": 0}
+        assert pool.take_error_counts() == {"score": 0, "timeout": 0, "worker_restarts": 0}, "counts since the last call"
+        pool.score(["boom"], examples[:1])
+        assert pool.take_error_counts()["score"] == 1
+    zero = {"lcs": 0.0, "exact": 0.0, "reward": 0.0}
+    assert [scores[i] for i in (0, 2, 3, 5)] == [zero] * 4, "a failed completion scores 0 for every function"
+    assert scores[1] == env.score(completions[1], examples[1]) and scores[1]["reward"] == 2.0, "the others are untouched"
+    env_log = (tmp_path / "logs" / "env_workers" / "reverse_text.log").read_text()
+    assert env_log.count("ZeroDivisionError: a bug in the reward function") == 1, "once per kind of error"
+    assert env_log.count("score_timeout_s=0.5") == 1
+    owner_log = (tmp_path / "orchestrator.log").read_text()
+    assert owner_log.count("'reverse_text': score: ZeroDivisionError") == 1 and owner_log.count("timeout while scoring") == 1
+
+
+def test_per_worker_log_files(tmp_path, examples):
+    workers = EnvWorkersConfig(num_workers=2, per_worker_logs=True)
+    with EnvWorkerPool(TaskConfig(), workers, tmp_path / "logs", name="rev") as pool:
+        pool.score([ex.answer for ex in examples], examples)
+        pids = pool.pids
+    files = sorted((tmp_path / "logs" / "env_workers" / "rev").glob("*.log"))
+    assert [f.name for f in files] == ["worker_0.log", "worker_1.log"]
+    texts = [f.read_text() for f in files]
+    assert all("ready" in t for t in texts) and "rev/w0" in texts[0] and "rev/w1" in texts[1]
+    assert {pid for pid in pids if any(f"pid={pid} " in t for t in texts)} == set(pids)
+    assert not (tmp_path / "logs" / "env_workers" / "rev.log").exists()
+
+
+# ---------------------------------------------------------------- mixtures
+
+
+def test_split_by_weight_sums_and_follows_weights():
+    from rlrun.envs.mixture import split_by_weight
+
+    assert split_by_weight(16, {"a": 1.0, "b": 1.0}) == {"a": 8, "b": 8}
+    assert split_by_weight(16, {"a": 3.0, "b": 1.0}) == {"a": 12, "b": 4}
+    assert split_by_weight(10, {"a": 1.0, "b": 1.0, "c": 1.0}) == {"a": 4, "b": 3, "c": 3}  # largest remainder, then order
+    assert split_by_weight(1, {"a": 0.2, "b": 0.8}) == {"a": 0, "b": 1}
+
+
+def test_mixture_tags_examples_with_their_env_and_keeps_each_eval_set():
+    from omegaconf import OmegaConf
+
+    from rlrun.envs import env_configs, load_task
+
+    cfg = OmegaConf.merge(OmegaConf.structured(TaskConfig), {"name": "mixture", "envs": {  # as a YAML would
+        "short": {"name": "reverse_text", "weight": 3.0, "min_chars": 3, "max_chars": 3, "num_eval_prompts": 4},
+        "long": {"name": "reverse_text", "weight": 1.0, "min_chars": 6, "max_chars": 6, "num_eval_prompts": 2},
+    }})  # fmt: skip
+    assert list(env_configs(cfg)) == ["short", "long"]
+    task = load_task(cfg)
+    train = task.sample(random.Random(0), 16)
+    assert [ex.env for ex in train] == ["short"] * 12 + ["long"] * 4
+    assert all(len(ex.answer) == (3 if ex.env == "short" else 6) for ex in train)
+    held_out = task.sample(random.Random(0), task.num_eval_prompts, split="eval")
+    assert [ex.env for ex in held_out] == ["short"] * 4 + ["long"] * 2
+    assert task.score(train[-1].answer, train[-1])["exact"] == 1.0
+    single = load_task(OmegaConf.structured(TaskConfig()))
+    assert {ex.env for ex in single.sample(random.Random(0), 4)} == {"reverse_text"} and single.name == "reverse_text"

@@ -19,7 +19,7 @@ from conftest import app_env, records, run_app, wandb_records
 
 ORCHESTRATOR_DISTRIBUTIONS = {"distributions/reward", "distributions/advantage", "distributions/completion_length"}
 TRAINER_DISTRIBUTIONS = {"distributions/entropy", "distributions/importance_ratio", "distributions/per_token_loss"}
-SAMPLE_COLUMNS = ["step", "selected_as", "prompt", "completion", "exact", "lcs", "reward", "advantage",
+SAMPLE_COLUMNS = ["step", "selected_as", "env", "prompt", "completion", "exact", "lcs", "reward", "advantage",
                   "prompt_tokens", "completion_tokens"]  # fmt: skip
 ROWS_PER_STEP = 8  # log_extras.samples_per_step
 ROLLOUTS = 16 * 8  # orchestrator.batch_size x group_size

@@ -135,3 +135,19 @@ def test_resolve_tiny_builds_once(tmp_path):
     assert resolve_model_path(ModelConfig(), tmp_path, seed=3) == path
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
     assert not [p for p in os.listdir(tmp_path) if p != "model"]  # no temporary leftovers
+
+
+def test_chat_prompts_go_through_the_chat_template_when_the_tokenizer_has_one():
+    """`encode_example`: messages + a chat template -> the template's text as ids (nothing added
+    twice); without a template, or without messages, the plain prompt as `encode_prompt` makes it."""
+    from rlrun.envs.base import Example
+    from rlrun.model import build_tokenizer, encode_example
+
+    tok = build_tokenizer()
+    example = Example(prompt="abc=", answer="cba", messages=[{"role": "user", "content": "abc="}])
+    assert encode_example(tok, example) == encode_prompt(tok, "abc="), "no template: plain prompt"
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}[assistant] {% endif %}")  # fmt: skip
+    ids = encode_example(tok, example)
+    assert tok.decode(ids) == "<s>[user] abc=\n[assistant] " and ids.count(tok.bos_token_id) == 1
+    assert encode_example(tok, Example(prompt="abc=", answer="cba")) == encode_prompt(tok, "abc="), "no messages"

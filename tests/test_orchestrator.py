@@ -20,7 +20,14 @@ from rlrun.orchestrator.extras import (
     select_samples,
 )
 from rlrun.log import render_table
-from rlrun.orchestrator.rollout import Rollout, build_batch, completion_metrics, group_advantages, reward_metrics
+from rlrun.orchestrator.rollout import (
+    Rollout,
+    build_batch,
+    completion_metrics,
+    group_advantages,
+    per_env,
+    reward_metrics,
+)
 
 
 def _completion(tokens: list[int], finish: str = "stop") -> Completion:
@@ -28,8 +35,9 @@ def _completion(tokens: list[int], finish: str = "stop") -> Completion:
 
 
 def _rollout(prompt_ids: list[int], completion: Completion, prompt: str = "p", text: str = "c",
-             scores: dict[str, float] | None = None, advantage: float = 0.0) -> Rollout:  # fmt: skip
-    return Rollout(Example(prompt, ""), prompt_ids, completion, text=text, scores=scores or {}, advantage=advantage)
+             scores: dict[str, float] | None = None, advantage: float = 0.0, env: str = "e") -> Rollout:  # fmt: skip
+    return Rollout(Example(prompt, "", env=env), prompt_ids, completion, text=text, scores=scores or {},
+                   advantage=advantage)  # fmt: skip
 
 
 # ---------------------------------------------------------------- advantages
@@ -162,9 +170,30 @@ def test_sample_rows_have_every_column():
     ]  # fmt: skip
     rows = sample_rows(7, [(1, "best reward")], rollouts)
     assert rows == [{
-        "step": 7, "selected_as": "best reward", "prompt": "cd=", "completion": "dc", "lcs": 1.0, "reward": 1.0,
-        "advantage": 1.0, "prompt_tokens": 3, "completion_tokens": 3,
+        "step": 7, "selected_as": "best reward", "env": "e", "prompt": "cd=", "completion": "dc", "lcs": 1.0,
+        "reward": 1.0, "advantage": 1.0, "prompt_tokens": 3, "completion_tokens": 3,
     }]  # fmt: skip
+
+
+def test_sample_rows_of_a_mixture_share_their_columns():
+    """Rows of envs with different reward functions: one set of columns, NaN where an env has no such function."""
+    rollouts = [
+        _rollout([1], _completion([4]), scores={"lcs": 0.5, "reward": 0.5}, env="rev"),
+        _rollout([1], _completion([4]), scores={"score": 1.0, "reward": 1.0}, env="rg"),
+    ]
+    rows = sample_rows(1, [(0, "best reward"), (1, "random")], rollouts)
+    assert [list(r) for r in rows] == [list(rows[0])] * 2 and [r["env"] for r in rows] == ["rev", "rg"]
+    assert rows[0]["lcs"] == 0.5 and math.isnan(rows[0]["score"]) and math.isnan(rows[1]["lcs"]) and rows[1]["score"] == 1.0
+
+
+def test_per_env_metrics_only_for_a_task_of_several_envs():
+    rollouts = [_rollout([1], _completion([4] * n), scores={"reward": r}, env=env)
+                for env, r, n in [("a", 1.0, 2), ("a", 0.0, 4), ("b", 0.5, 3), ("b", 0.5, 3)]]  # fmt: skip
+    def mean_reward(rs):
+        return {"reward": sum(r.reward for r in rs) / len(rs), "n": float(len(rs))}
+
+    assert per_env(mean_reward, rollouts) == {"a/reward": 0.5, "a/n": 2.0, "b/reward": 0.5, "b/n": 2.0}
+    assert per_env(mean_reward, rollouts[:2]) == {}, "one env: the totals are its metrics"
 
 
 class _Recorder:

@@ -29,9 +29,10 @@ def test_jsonl_pairs_cycle_through_every_pair_and_bad_lines_are_named(tmp_path):
 def test_task_pairs_tokenize_with_eos_and_only_completions_are_trained(tiny_model):
     tokenizer = load_tokenizer(tiny_model)
     env = ReverseText(TaskConfig())
-    (prompt, answer), *_ = next(batches(env, None, batch_size=4, seed=0))
-    assert answer == prompt[:-1][::-1], "the task's reference answer"
-    prompt_ids, completion_ids = tokenize_pair(tokenizer, prompt, answer)
+    (example, answer), *_ = next(batches(env, None, batch_size=4, seed=0))
+    assert answer == example.prompt[:-1][::-1], "the task's reference answer"
+    prompt_ids, completion_ids = tokenize_pair(tokenizer, example, answer)
+    assert prompt_ids == tokenize_pair(tokenizer, example.prompt, answer)[0], "no chat template: the prompt's text"
     assert completion_ids[-1] == tokenizer.eos_token_id and tokenizer.decode(completion_ids[:-1]) == answer
     batch = pad_sequences([(prompt_ids, completion_ids), ([1, 2], [3])], pad_id=0)
     width = len(prompt_ids) + len(completion_ids)

@@ -11,7 +11,9 @@ training random state (the engine seeds each row on its own).
 
 Metrics are the training names under `eval/` (`eval/reward`, `eval/reward_std` across
 prompts, `eval/rewards/<fn>/mean`, `eval/completions/mean_length`, ...), returned to be
-merged into the step's one `log_metrics` call; the tracker times the pass as `time/eval`.
+merged into the step's one `log_metrics` call; the tracker times the pass as `time/eval`. A
+task of several environments evaluates each env's own held-out set and reports it under
+`<env>/eval/*` too.
 `orchestrator.num_val_samples_to_print` (NeMo-RL's name) samples, the best and the worst,
 go to the orchestrator's log as a table.
 """
@@ -65,10 +67,10 @@ class Evaluator:
                  logit_bias: dict[int, float] | None = None) -> None:  # fmt: skip
         import random
 
-        from rlrun.model import encode_prompt
+        from rlrun.model import encode_example
 
         self.examples = env.sample(random.Random(EVAL_SEED), num_prompts, split="eval")
-        self.prompt_ids = [encode_prompt(tokenizer, ex.prompt) for ex in self.examples]
+        self.prompt_ids = [encode_example(tokenizer, ex) for ex in self.examples]
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
         self.num_to_print = num_to_print
@@ -86,6 +88,11 @@ class Evaluator:
         texts = [decode_completion(self.tokenizer, c.token_ids) for c in completions]
         scores = pool.score(texts, self.examples)
         metrics = eval_metrics(scores, completions)
+        envs = list(dict.fromkeys(ex.env for ex in self.examples))
+        for env in envs if len(envs) > 1 else ():
+            mine = [i for i, ex in enumerate(self.examples) if ex.env == env]
+            own = eval_metrics([scores[i] for i in mine], [completions[i] for i in mine])
+            metrics.update({f"{env}/{name}": value for name, value in own.items()})
         log.info(
             f"eval at step {step}{'' if version is None else f' (weights v{version})'}: reward "
             f"{metrics['eval/reward']:.3f} over {len(self.examples)} held-out prompts (greedy), "

@@ -5,8 +5,9 @@ Every `orchestrator.log_extras.interval` steps (`step % interval == 0`):
 
 - samples (`log_extras.samples`): up to `samples_per_step` rollouts of the step, chosen to
   be informative by `select_samples` (best and worst reward, shortest and longest
-  completion, then random ones), one row each (`sample_rows`: step, why it was picked,
-  prompt, completion, one column per reward function, reward, advantage, token counts);
+  completion, then random ones), one row each (`sample_rows`: step, why it was picked, the
+  environment, prompt, completion, one column per reward function of any env in the task
+  (NaN where a row's env has no such function), reward, advantage, token counts);
 - distributions (`log_extras.distributions`): every rollout's reward, advantage and
   completion length, under `distributions/<name>`.
 
@@ -16,6 +17,7 @@ by `log_extras.max_rows`.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -68,16 +70,17 @@ def best_and_worst(rewards: Sequence[float], k: int) -> list[int]:
 
 def sample_rows(step: int, picks: Sequence[tuple[int, str]], rollouts: Sequence[Rollout]) -> list[dict[str, Any]]:
     """One table row per pick (`select_samples`' output: indices into `rollouts`)."""
+    names = sorted({fn for i, _ in picks for fn in rollouts[i].scores if fn != "reward"})  # same columns in every row
     rows = []
     for i, why in picks:
         r = rollouts[i]
-        fns = {fn: float(value) for fn, value in sorted(r.scores.items()) if fn != "reward"}
         rows.append({
             "step": step,
             "selected_as": why,
+            "env": r.env,
             "prompt": r.example.prompt,
             "completion": r.text,
-            **fns,
+            **{fn: float(r.scores.get(fn, math.nan)) for fn in names},
             "reward": float(r.reward),
             "advantage": float(r.advantage),
             "prompt_tokens": len(r.prompt_ids),

@@ -86,10 +86,12 @@ class Orchestrator:
     def step(self, step: int) -> None:
         """One step: fresh weights, rollouts, rewards, advantages, the batch, then eval and metrics."""
         from rlrun.batch import write_batch
-        from rlrun.model import encode_prompt
+        from rlrun.model import encode_example
         from rlrun.orchestrator.eval import is_eval_step
         from rlrun.orchestrator.extras import is_logging_step, log_rollout_extras
-        from rlrun.orchestrator.rollout import Rollout, build_batch, completion_metrics, group_advantages, reward_metrics
+        from rlrun.orchestrator.rollout import (
+            Rollout, build_batch, completion_metrics, group_advantages, per_env, reward_metrics,
+        )  # fmt: skip
 
         cfg, ocfg, tracker = self.cfg, self.ocfg, self.tracker
         step_start = time.perf_counter()
@@ -98,7 +100,7 @@ class Orchestrator:
 
         rng = step_rng(cfg.seed, step)
         examples = self.env.sample(rng, ocfg.batch_size)
-        prompt_ids = [encode_prompt(self.tokenizer, ex.prompt) for ex in examples]
+        prompt_ids = [encode_example(self.tokenizer, ex) for ex in examples]
         with tracker.timer("generate") as generate:
             groups = self.client.complete(prompt_ids, n=ocfg.group_size, max_tokens=ocfg.max_tokens,
                                           temperature=ocfg.temperature, seed=rng.randrange(2**31),
@@ -131,9 +133,14 @@ class Orchestrator:
         generated = sum(len(r.completion_ids) for r in rollouts)
         sampled_by = meta["policy_version"]
         self.num_tokens += generated + sum(len(r.prompt_ids) for r in rollouts)
+        def step_metrics(rs: list[Rollout]) -> dict[str, float]:  # the batch's, and each env's
+            return {**reward_metrics([r.scores for r in rs], ocfg.group_size),
+                    **completion_metrics([r.completion for r in rs])}  # fmt: skip
+
         metrics = {
-            **reward_metrics([r.scores for r in rollouts], ocfg.group_size),
-            **completion_metrics([r.completion for r in rollouts]),
+            **step_metrics(rollouts),
+            **per_env(step_metrics, rollouts),
+            **self._error_counts(),
             "num_tokens": self.num_tokens,
             "tokens/s": generated / max(generate.seconds, 1e-9),
             "off_policy_steps": float(step - 1 - sampled_by),
@@ -177,6 +184,11 @@ class Orchestrator:
             r.text = decode_completion(self.tokenizer, r.completion_ids)
         for r, s in zip(rollouts, self.score([r.text for r in rollouts], [r.example for r in rollouts]), strict=True):
             r.scores = s
+
+    def _error_counts(self) -> dict[str, float]:
+        """Per env, scoring errors since the last step: `<env>/errors/{score,timeout,worker_restarts}`."""
+        return {f"{key}/errors/{kind}": float(n) for key, pool in self.pools.items()
+                for kind, n in pool.take_error_counts().items()}  # fmt: skip
 
     def score(self, texts: list[str], examples: list[Any]) -> list[dict[str, float]]:
         """Scores in input order, each completion scored by the pool of its example's env."""

@@ -2,7 +2,9 @@
 tensors, the metrics.
 
 Metric names follow TRL's GRPO trainer where one exists (`reward`, `reward_std`,
-`rewards/<fn>/mean`, `frac_reward_zero_std`, `completions/*`, `num_tokens`).
+`rewards/<fn>/mean`, `frac_reward_zero_std`, `completions/*`, `num_tokens`). A task of several
+environments also gets each env's own under `<env>/` (`<env>/reward`, `<env>/rewards/<fn>/mean`,
+`<env>/completions/*`).
 """
 
 from __future__ import annotations
@@ -111,3 +113,12 @@ def completion_metrics(completions: Sequence[Completion]) -> dict[str, float]:
         "completions/min_terminated_length": float(min(terminated)) if terminated else 0.0,
         "completions/max_terminated_length": float(max(terminated)) if terminated else 0.0,
     }
+
+
+def per_env(metrics_of, rollouts: Sequence[Rollout]) -> dict[str, float]:
+    """`metrics_of(env's rollouts)` for each environment of a task with several, under `<env>/`."""
+    envs = list(dict.fromkeys(r.env for r in rollouts))
+    if len(envs) < 2:
+        return {}
+    return {f"{env}/{name}": value for env in envs
+            for name, value in metrics_of([r for r in rollouts if r.env == env]).items()}  # fmt: skip

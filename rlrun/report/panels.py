@@ -56,6 +56,12 @@ def _per_function(run: Run, overlaid: bool) -> list[Line]:
     return [Line(n.removeprefix("rewards/").removesuffix("/mean"), run.get("orchestrator", n)) for n in names]
 
 
+def _per_env(run: Run, overlaid: bool) -> list[Line]:
+    """`<env>/reward` of each environment of a task with several (a mixture)."""
+    names = [n for n in run.names("orchestrator") if n.endswith("/reward") and n.count("/") == 1 and n != "eval/reward"]
+    return [Line(n.removesuffix("/reward"), run.get("orchestrator", n)) for n in names]
+
+
 def _kl(run: Run, overlaid: bool) -> list[Line]:
     names = [n for n in run.names("trainer") if n == "kl" or n.startswith("kl/") or n.endswith("/kl")]
     return _lines(run, "trainer", names[:1] if overlaid else names)
@@ -143,6 +149,7 @@ def _gpu(metric: str) -> Callable[[Run, bool], list[Line]]:
 PANELS = [
     Panel("Reward", "reward", _reward),
     Panel("Reward per function", "mean reward", _per_function),
+    Panel("Reward per environment", "mean reward", _per_env),
     Panel("KL to the reference", "KL", _kl),
     Panel("Entropy", "nats / token", lambda run, o: _lines(run, "trainer", ["entropy"])),
     Panel("Clipped importance ratios", "fraction of tokens", _clip),

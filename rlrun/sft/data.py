@@ -11,13 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rlrun.model import encode_prompt
+from rlrun.model import encode_example
 
 
-def tokenize_pair(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], list[int]]:
-    """(prompt ids as sampling sees them, completion ids + EOS)."""
+def tokenize_pair(tokenizer: Any, prompt: Any, completion: str) -> tuple[list[int], list[int]]:
+    """(prompt ids as sampling sees them, completion ids + EOS); `prompt`: text or a task Example."""
     ids = tokenizer.encode(completion, add_special_tokens=False)
-    return encode_prompt(tokenizer, prompt), [*ids, int(tokenizer.eos_token_id)]
+    return encode_example(tokenizer, prompt), [*ids, int(tokenizer.eos_token_id)]
 
 
 def read_jsonl_pairs(path: str | Path) -> list[tuple[str, str]]:
@@ -36,12 +36,13 @@ def read_jsonl_pairs(path: str | Path) -> list[tuple[str, str]]:
     return pairs
 
 
-def batches(env: Any, data: str | None, batch_size: int, seed: int) -> Iterator[list[tuple[str, str]]]:
-    """Endless batches of (prompt, completion): fresh task examples, or the file's pairs shuffled per epoch."""
+def batches(env: Any, data: str | None, batch_size: int, seed: int) -> Iterator[list[tuple[Any, str]]]:
+    """Endless batches of (prompt, completion): fresh task examples (the Example itself as the
+    prompt, for its chat messages), or the file's text pairs shuffled per epoch."""
     rng = random.Random(f"{seed}/sft")
     if data is None:
         while True:
-            yield [(ex.prompt, ex.answer) for ex in env.sample(rng, batch_size)]
+            yield [(ex, ex.answer) for ex in env.sample(rng, batch_size)]
     pairs = read_jsonl_pairs(data)
     order: list[int] = []
     while True:
