@@ -296,6 +296,7 @@ def test_a_raising_or_hanging_scorer_scores_zero_and_is_counted_and_logged_once(
     assert env_log.count("score_timeout_s=0.5") == 1
     owner_log = (tmp_path / "orchestrator.log").read_text()
     assert owner_log.count("'reverse_text': score: ZeroDivisionError") == 1 and owner_log.count("timeout while scoring") == 1
+    assert "scoring errors over the run: score: ZeroDivisionError x3, timeout x2" in owner_log, "the total at close"
 
 
 def test_per_worker_log_files(tmp_path, examples):

@@ -169,6 +169,7 @@ class EnvWorkerPool:
         self.max_retries = max_retries
         self.restarts = 0
         self.errors: Counter[str] = Counter()  # kinds of scoring error since take_error_counts()
+        self.errors_total: Counter[str] = Counter()  # ... and over the pool's life, reported at close
         self._errors_seen: set[str] = set()
         self.log_file: Path | None = None
         log_spec: str | None = None
@@ -233,6 +234,7 @@ class EnvWorkerPool:
                 ) from lost
             self.restarts += 1
             self.errors["worker_restarts"] += 1
+            self.errors_total["worker_restarts"] += 1
             _log(
                 "WARNING",
                 f"an env worker of {self.env_name!r} died ({lost}); restarting the pool and re-scoring "
@@ -268,6 +270,7 @@ class EnvWorkerPool:
     def _count(self, kinds: list[str]) -> None:
         for kind in kinds:
             self.errors[kind] += 1
+            self.errors_total[kind] += 1
             if kind not in self._errors_seen:  # the owner's log names each kind once; the env log has the message
                 self._errors_seen.add(kind)
                 where = f" (see {self.log_file})" if self.log_file else ""
@@ -288,6 +291,9 @@ class EnvWorkerPool:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.errors_total:
+            counts = ", ".join(f"{kind} x{n}" for kind, n in self.errors_total.most_common())
+            _log("WARNING", f"env {self.env_name!r}: scoring errors over the run: {counts}")
 
     def __enter__(self) -> "EnvWorkerPool":
         return self
