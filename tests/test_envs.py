@@ -72,6 +72,18 @@ class GatedReverse(ReverseText):
         return super().lcs(completion, example)
 
 
+class StuckReverse(ReverseText):
+    """ReverseText whose `lcs` blocks SIGALRM and sleeps on "stuck": a scorer stuck where a signal cannot reach it."""
+
+    def lcs(self, completion, example):
+        if completion.startswith("stuck"):
+            import time
+
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+            time.sleep(600)
+        return super().lcs(completion, example)
+
+
 class FaultyReverse(ReverseText):
     """ReverseText whose `lcs` raises on completions starting with "boom" and hangs on "hang"."""
 
@@ -343,3 +355,17 @@ def test_mixture_tags_examples_with_their_env_and_keeps_each_eval_set():
     assert task.score(train[-1].answer, train[-1])["exact"] == 1.0
     single = load_task(OmegaConf.structured(TaskConfig()))
     assert {ex.env for ex in single.sample(random.Random(0), 4)} == {"reverse_text"} and single.name == "reverse_text"
+
+
+def test_a_worker_stuck_beyond_the_alarm_is_killed_and_its_chunk_scores_zero(tmp_path, examples):
+    setup_logger("INFO", tmp_path / "orchestrator.log", job="orchestrator")
+    examples = examples[:4]
+    completions = ["stuck", examples[1].answer, examples[2].answer, examples[3].answer]  # 2 chunks of 2
+    workers = EnvWorkersConfig(num_workers=2, score_timeout_s=0.2)
+    with EnvWorkerPool(TaskConfig(), workers, None, env_factory=f"{HERE}:StuckReverse") as pool:
+        scores = pool.score(completions, examples)  # returns after 2 x 0.2 + 10 s, not 600
+        zero = {"lcs": 0.0, "exact": 0.0, "reward": 0.0}
+        assert scores[:2] == [zero, zero], "the stuck worker's whole chunk scores 0"
+        assert [s["reward"] for s in scores[2:]] == [2.0, 2.0], "the other worker's chunk is kept"
+        assert pool.take_error_counts() == {"score": 0, "timeout": 2, "worker_restarts": 1}
+        assert pool.score([examples[1].answer], examples[1:2])[0]["reward"] == 2.0, "a fresh pool scores on"

@@ -108,9 +108,9 @@ def _take_records() -> list[tuple[str, str]]:
     return records
 
 
-def _hello() -> tuple[int, list[tuple[str, str]]]:
+def _hello() -> tuple[int, list[str], list[tuple[str, str]]]:
     _STARTED.wait()  # one hello per worker: none returns before every worker is up
-    return os.getpid(), _take_records()
+    return os.getpid(), list(_ENV.reward_fns), _take_records()
 
 
 def _on_alarm(signum, frame) -> None:
@@ -191,8 +191,10 @@ class EnvWorkerPool:
         self._initargs = (
             self._task, env_factory, str(workers_cfg.level), str(workers_cfg.env_level), log_spec, self._counter,
         )
-        self._init_extra = (self.env_name, float(getattr(workers_cfg, "score_timeout_s", 30.0)))
+        self.score_timeout_s = float(getattr(workers_cfg, "score_timeout_s", 30.0))
+        self._init_extra = (self.env_name, self.score_timeout_s)
         self.pids: list[int] = []  # the live workers' process ids
+        self.reward_fns: list[str] = []  # the environment's reward function names (from a worker)
         self._pool = self._start()
 
     def _start(self, timeout_s: float = 120.0) -> ProcessPoolExecutor:
@@ -205,7 +207,7 @@ class EnvWorkerPool:
         pids = []
         try:
             for future in [pool.submit(_hello) for _ in range(self.num_workers)]:
-                pid, records = future.result()
+                pid, self.reward_fns, records = future.result()
                 pids.append(pid)
                 self._forward(records)
         except (BrokenProcessPool, threading.BrokenBarrierError) as exc:
@@ -254,7 +256,19 @@ class EnvWorkerPool:
             broken: BrokenProcessPool | None = exc
         else:
             broken = None
-        wait(futures.values())
+        # SIGALRM cuts off each slow completion in its worker; a worker that still does not
+        # answer (stuck in C code) is killed, and its chunk's completions score 0 as timeouts.
+        longest = max((len(c) for c, _ in todo.values()), default=0)
+        _, stuck = wait(futures.values(), timeout=self.score_timeout_s * longest + 10.0)
+        if stuck:
+            for process in list(getattr(self._pool, "_processes", {}).values()):
+                process.kill()
+            for i in [i for i, f in futures.items() if f in stuck]:
+                results[i] = [{**dict.fromkeys(self.reward_fns, 0.0), "reward": 0.0} for _ in todo[i][0]]
+                self._count(["timeout"] * len(todo[i][0]))
+                del futures[i]
+            wait(futures.values())
+            broken = BrokenProcessPool(f"a worker stopped answering for {self.score_timeout_s * longest + 10.0:g} s")
         for i, future in futures.items():
             error = future.exception()
             if isinstance(error, BrokenProcessPool):
