@@ -77,3 +77,17 @@ def test_sft_stage_runs_first_and_rl_starts_from_its_weights(tmp_path):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "sft stage finished" not in (run_dir / "logs" / "rl.log").read_text(), "a finished SFT stage is not redone"
     assert [r["step"] for r in metrics(run_dir, "sft")] == list(range(1, 41))
+
+
+def test_task_data_without_reference_answers_is_refused():
+    """An environment with no reference answers (some verifiers tasks) cannot feed SFT on its own."""
+    from rlrun.envs.base import Environment, Example
+
+    class NoAnswers(Environment):
+        name = "no_answers"
+
+        def sample(self, rng, n, split="train"):
+            return [Example(prompt="q", answer="") for _ in range(n)]
+
+    with pytest.raises(ValueError, match=r"no_answers.*sft\.data"):
+        next(batches(NoAnswers(TaskConfig()), None, batch_size=2, seed=0))

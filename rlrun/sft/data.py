@@ -42,7 +42,11 @@ def batches(env: Any, data: str | None, batch_size: int, seed: int) -> Iterator[
     rng = random.Random(f"{seed}/sft")
     if data is None:
         while True:
-            yield [(ex, ex.answer) for ex in env.sample(rng, batch_size)]
+            examples = env.sample(rng, batch_size)
+            if missing := sorted({ex.env or env.name for ex in examples if not ex.answer}):
+                raise ValueError(f"environment(s) {missing} give no reference answers to train on; "
+                                 "give the SFT stage sft.data=<a jsonl of prompt/completion pairs>")
+            yield [(ex, ex.answer) for ex in examples]
     pairs = read_jsonl_pairs(data)
     order: list[int] = []
     while True:
