@@ -61,6 +61,13 @@ class ModelConfig:
 
 
 @dataclass
+class PerfConfig:
+    # The device's peak FLOP/s for `perf/mfu`; None: a table of known GPUs (rlrun/trainer/perf.py),
+    # and no MFU on the CPU.
+    peak_flops: Optional[float] = checked(None, gt=0)
+
+
+@dataclass
 class RunConfig:
     name: str = "rlrun"
     seed: int = 0
@@ -78,6 +85,7 @@ class RunConfig:
     env_workers: EnvWorkersConfig = field(default_factory=EnvWorkersConfig)
     log_extras: LogExtrasConfig = field(default_factory=LogExtrasConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
 
 
 def _run_dir(resume_from: str | None, default: str) -> str:

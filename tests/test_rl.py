@@ -80,12 +80,19 @@ def test_default_run_learns_the_task_and_leaves_the_whole_record(tmp_path):
     for name in ("reward", "reward_std", "rewards/lcs/mean", "rewards/lcs/std", "rewards/exact/mean", "frac_reward_zero_std",
                  "completions/mean_length", "completions/min_length", "completions/max_length",
                  "completions/clipped_ratio", "completions/mean_terminated_length", "num_tokens", "tokens/s",
-                 "time/generate", "time/score", "time/update_weights", "time/wait_for_weights"):  # fmt: skip
+                 "time/generate", "time/score", "time/update_weights", "time/wait_for_weights",
+                 "idle/inference_wait_frac", "reverse_text/errors/score"):  # fmt: skip
         assert name in orchestrator[-1]["metrics"], name
     for name in ("loss", "grad_norm", "lr", "entropy", "clip_ratio/low_mean", "clip_ratio/low_min",
                  "clip_ratio/high_mean", "clip_ratio/high_max", "clip_ratio/region_mean", "tokens/s",
-                 "time/wait_for_batch", "time/forward_backward", "time/save_weights"):  # fmt: skip
+                 "time/wait_for_batch", "time/forward_backward", "time/save_weights", "mismatch/kl",
+                 "mismatch/seq_ratio_max", "perf/tokens_per_s", "idle/trainer_wait_frac"):  # fmt: skip
         assert name in trainer[-1]["metrics"], name
+    assert "perf/mfu" not in trainer[-1]["metrics"], "no MFU on the CPU without perf.peak_flops"
+    # Step 1 is on-policy (both sides hold the initial weights) and the local engine computes
+    # logprobs with the trainer's code: no mismatch beyond float noise.
+    assert trainer[0]["metrics"]["mismatch/kl"] < 1e-5 and trainer[0]["metrics"]["mismatch/logprob_diff_max"] < 1e-2
+    assert all(0.0 <= r["metrics"]["idle/inference_wait_frac"] <= 1.0 for r in orchestrator)
 
     # RL starts where SFT stopped and adds exact matches; greedy completions stop at EOS.
     sft_exact = sft[-1]["metrics"]["eval/rewards/exact/mean"]

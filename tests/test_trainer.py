@@ -29,7 +29,10 @@ METRICS = [
     "loss", "grad_norm", "lr", "entropy", "num_loss_tokens", "tokens/s",
     "clip_ratio/low_mean", "clip_ratio/low_min", "clip_ratio/high_mean", "clip_ratio/high_max",
     "clip_ratio/region_mean", "time/wait_for_batch", "time/forward_backward", "time/optimizer_step",
-    "time/save_weights", "time/step",
+    "time/save_weights", "time/step", "perf/tokens_per_s", "perf/mfu", "idle/trainer_wait_frac",
+    "mismatch/kl", "mismatch/logprob_diff_mean", "mismatch/logprob_diff_max", "mismatch/ppl_ratio",
+    "mismatch/token_ratio_min", "mismatch/token_ratio_mean", "mismatch/token_ratio_max", "mismatch/seq_ratio_min",
+    "mismatch/seq_ratio_mean", "mismatch/seq_ratio_max",
 ]  # fmt: skip
 
 
@@ -371,7 +374,7 @@ def trained(tmp_path_factory, tiny):
     """A 3-step run of the real job on 3 synthetic batches."""
     run = _new_run(tmp_path_factory.mktemp("e2e"), tiny, max_steps=3)
     _write_batches(run, tiny, [1, 2, 3])
-    return run, _trainer(run)
+    return run, _trainer(run, "perf.peak_flops=1e12")  # MFU on the CPU needs a peak to divide by
 
 
 def test_trainer_job_trains_publishes_checkpoints_and_logs(trained, tiny):
@@ -397,6 +400,17 @@ def test_trainer_job_trains_publishes_checkpoints_and_logs(trained, tiny):
     assert steps[0]["metrics"]["loss"] == pytest.approx(-sum(  # step 1 is on-policy: ratio 1
         a * len(c) for a, (_, c) in zip(ADVANTAGES, _rows(tiny[2]))) / steps[0]["metrics"]["num_loss_tokens"], abs=1e-5)
     assert steps[0]["metrics"]["clip_ratio/region_mean"] == 0.0
+    m = steps[0]["metrics"]  # the batch's old_logprobs are these weights' own: no mismatch
+    assert m["mismatch/kl"] < 1e-6 and m["mismatch/logprob_diff_max"] < 1e-3 and m["mismatch/token_ratio_mean"] == pytest.approx(1.0, abs=1e-3)
+    from rlrun.trainer.perf import flops_per_token
+
+    tokens = sum(len(p) + len(c) for p, c in _rows(tiny[2]))
+    width = max(len(p) + len(c) for p, c in _rows(tiny[2]))
+    for r in steps:
+        m = r["metrics"]
+        assert m["perf/tokens_per_s"] == pytest.approx(tokens / m["time/step"], rel=1e-3)
+        assert m["perf/mfu"] == pytest.approx(flops_per_token(tiny[1], width) * tokens / m["time/step"] / 1e12, rel=1e-3)
+        assert m["idle/trainer_wait_frac"] == pytest.approx(m["time/wait_for_batch"] / m["time/step"], rel=1e-3)
     hyper = records(run, "trainer", "hyperparams")
     assert len(hyper) == 1 and hyper[0]["params"]["trainer.lr"] == 3e-3
     assert not records(run, "trainer", "distribution"), "log_extras is off by default"
@@ -485,3 +499,96 @@ def test_trainer_two_ranks(trained, tmp_path, tiny):
     assert all(len(r["values"]) == total for r in dists), "both ranks' tokens"
     (loss,) = [r["values"] for r in dists if r["name"] == "distributions/per_token_loss"]
     assert sum(loss) / total == pytest.approx(steps[1]["metrics"]["loss"], rel=1e-4), "the batch's token mean"
+
+
+# ---------------------------------------------------------------- mismatch and importance-sampling correction
+
+
+def test_is_weights_by_hand():
+    from rlrun.trainer.loss import is_weights
+
+    log_rho = torch.log(torch.tensor([[3.0, 0.25, 1.0], [3.0, 3.0, 1.0]]))
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    log_rho = torch.where(mask, log_rho, 0.0)
+    assert is_weights(log_rho, mask, "none", 2.0) == (None, {})
+    weight, stats = is_weights(log_rho, mask, "token_truncate", 2.0)
+    torch.testing.assert_close(weight, torch.tensor([[2 / 3, 1.0, 1.0], [2 / 3, 2 / 3, 1.0]]))
+    assert float(stats["is/truncated_frac"]) == pytest.approx(3 / 5)
+    weight, stats = is_weights(log_rho, mask, "token_mask", 2.0)  # keep rho in [0.5, 2]
+    torch.testing.assert_close(weight, torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]]))
+    assert float(stats["is/masked_frac"]) == pytest.approx(4 / 5)
+    weight, stats = is_weights(log_rho, mask, "sequence_mask", 2.0)  # geometric means 0.75^(1/3) = 0.91 and 3
+    torch.testing.assert_close(weight, torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]))
+    assert float(stats["is/masked_frac"]) == pytest.approx(2 / 5)
+
+
+def test_token_truncate_caps_a_tokens_importance_weight():
+    """TIS: with rho = 3 > cap = 2, the token's loss is scaled by 2/3, so its gradient
+    d loss / d logprob = -A * rho * (cap / rho) = -A * cap."""
+    logprobs = torch.tensor([[math.log(0.3)]], requires_grad=True)
+    old = torch.tensor([[math.log(0.1)]])  # rho = 3
+    adv, mask = torch.tensor([-1.0]), torch.ones(1, 1)
+    per_token, stats = per_token_loss(logprobs, old, adv, mask, "dapo", 0.2, 0.28, is_correction="token_truncate",
+                                      is_cap=2.0)  # fmt: skip
+    assert float(per_token.detach()) == pytest.approx(3.0 * 2 / 3)  # -min(3 * -1, 1.28 * -1) = 3, times 2/3
+    per_token.sum().backward()
+    assert float(logprobs.grad) == pytest.approx(2.0)
+    assert float(stats["is/truncated_frac"]) == 1.0
+    masked, stats = per_token_loss(logprobs.detach(), old, adv, mask, "dapo", 0.2, 0.28, is_correction="token_mask")
+    assert float(masked) == 0.0 and float(stats["is/masked_frac"]) == 1.0
+
+
+def test_mismatch_stats_by_hand():
+    from rlrun.trainer.loss import mismatch_stats
+
+    new = torch.tensor([[-1.0, -2.0], [-0.5, -9.0]])
+    old = torch.tensor([[-1.1, -2.0], [-0.7, 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    d = [0.1, 0.0, 0.2]
+
+    def near(x):  # the inputs are float32
+        return pytest.approx(x, rel=1e-5, abs=1e-7)
+
+    stats = mismatch_stats(new, old, mask)
+    assert stats["mismatch/kl"] == near(sum(math.exp(x) - 1 - x for x in d) / 3)
+    assert stats["mismatch/logprob_diff_mean"] == near(0.1) and stats["mismatch/logprob_diff_max"] == near(0.2)
+    assert stats["mismatch/ppl_ratio"] == near(math.exp(-0.1))
+    assert stats["mismatch/token_ratio_min"] == near(1.0)
+    assert stats["mismatch/token_ratio_max"] == near(math.exp(0.2))
+    assert stats["mismatch/seq_ratio_min"] == near(math.exp(0.1))
+    assert stats["mismatch/seq_ratio_max"] == near(math.exp(0.2))
+    assert stats["mismatch/seq_ratio_mean"] == near((math.exp(0.1) + math.exp(0.2)) / 2)
+
+
+def test_a_sampler_at_another_temperature_shows_as_mismatch(tiny):
+    """The engine samples at T=1.0; the trainer scoring at T=1.0 sees no mismatch (float noise),
+    at T=0.5 (a wrong temperature on one side) a clear one."""
+    from rlrun.inference.engine import Engine
+
+    _, model, tokenizer = tiny
+    prompts = [encode_prompt(tokenizer, "abc="), encode_prompt(tokenizer, "hgfed=")]
+    groups = Engine(model, tokenizer).generate(prompts, n=8, max_tokens=8, temperature=1.0, seed=0)
+    rows = [(prompts[i // 8], c) for i, c in enumerate(c for group in groups for c in group)]
+    batch = _batch_tensors([(p, c.token_ids) for p, c in rows], [0.0] * len(rows), model, temperature=1.0)
+    for i, (p, c) in enumerate(rows):  # the sampler's own logprobs, as the orchestrator writes them
+        batch["old_logprobs"][i, len(p) : len(p) + len(c.token_ids)] = torch.tensor(c.logprobs)
+    same = forward_backward(model, batch, 1.0, 0.2, 0.28)
+    other = forward_backward(model, batch, 0.5, 0.2, 0.28)
+    model.zero_grad()
+    model.train()
+    assert same["mismatch/kl"] < 1e-6 and same["mismatch/logprob_diff_max"] < 1e-3
+    assert abs(same["mismatch/token_ratio_mean"] - 1.0) < 1e-3 and abs(same["mismatch/ppl_ratio"] - 1.0) < 1e-3
+    assert other["mismatch/kl"] > max(1e-3, 1e3 * same["mismatch/kl"]) and other["mismatch/logprob_diff_max"] > 0.1
+    assert other["mismatch/seq_ratio_max"] > other["mismatch/seq_ratio_min"] > 0
+
+
+def test_flops_per_token_and_peak_by_hand(tiny):
+    from rlrun.trainer.perf import flops_per_token, peak_flops
+
+    model = tiny[1]
+    cfg = model.config
+    h, i, layers, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    # Llama block: q,k,v,o (4 h^2, no biases) + gate/up/down (3 h i) + 2 RMSNorm weights (2 h); final norm h.
+    params = layers * (4 * h * h + 3 * h * i + 2 * h) + h  # the (tied) embedding is left out
+    assert flops_per_token(model, 20) == 6 * params + 12 * layers * h * 20
+    assert peak_flops("cpu", None) is None and peak_flops("cpu", 5e12) == 5e12

@@ -9,6 +9,8 @@ from rlrun.schema import checked
 from rlrun.tracking.config import JobLogExtrasConfig
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo")  # TRL's names; see rlrun/trainer/loss.py
+# Importance-sampling correction of the sampler/trainer mismatch; see rlrun/trainer/loss.py.
+IS_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_mask")
 
 
 @dataclass
@@ -20,6 +22,8 @@ class TrainerConfig:
     kl_coef: float = checked(0.0, ge=0)
     loss_type: str = checked("dapo", one_of=LOSS_TYPES)  # TRL's names: grpo, bnpo, dr_grpo, dapo, gspo, cispo
     mask_truncated_completions: bool = False  # no loss on completions cut off at max_tokens (DAPO, TRL)
+    is_correction: str = checked("none", one_of=IS_CORRECTIONS)
+    is_cap: float = checked(2.0, gt=1)  # TIS's cap on a token's weight; the masks keep ratios in [1/cap, cap]
     optimizer_from_sft: bool = True  # after an SFT stage, go on with its AdamW state (at trainer.lr)
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.28

@@ -36,8 +36,15 @@ from rlrun.trainer.step import forward_backward, optimizer_step
 REDUCTIONS = {
     "clip_ratio/low_min": "min",
     "clip_ratio/high_max": "max",
+    "mismatch/logprob_diff_max": "max",
+    "mismatch/token_ratio_min": "min",
+    "mismatch/token_ratio_max": "max",
+    "mismatch/seq_ratio_min": "min",
+    "mismatch/seq_ratio_max": "max",
     "num_loss_tokens": "sum",
     "tokens/s": "sum",
+    "perf/tokens_per_s": "sum",
+    "perf/peak_memory_gb": "max",
 }
 
 
@@ -77,6 +84,9 @@ class Trainer:
         resume_ids = {k: state[k] for k in ("wandb_run_id", "mlflow_run_id") if state.get(k)}
         self.tracker = Tracker(cfg.logger, job="trainer", output_dir=run_dir, run_name=cfg.name,
                                resume_ids=resume_ids, max_table_rows=self.xcfg.max_rows)  # fmt: skip
+        from rlrun.trainer.perf import peak_flops
+
+        self.peak_flops = peak_flops(ranks.device, cfg.perf.peak_flops)  # None on CPU unless perf.peak_flops
 
     def run(self) -> None:
         """Train steps `start..max_steps`; raises StopRequested on a stop signal."""
@@ -103,7 +113,7 @@ class Trainer:
         """One GRPO step on batch `step`: wait, forward/backward, update, publish, log."""
         tcfg, tracker, ranks = self.tcfg, self.tracker, self.ranks
         step_start = time.perf_counter()
-        with tracker.timer("wait_for_batch"):
+        with tracker.timer("wait_for_batch") as waited:
             batch, meta = self._wait_for_batch(step)
         token_values = {} if self._logs_distributions(step) else None  # per-token values only when logged
         with tracker.timer("forward_backward") as fwd_bwd:
@@ -114,7 +124,7 @@ class Trainer:
                 self.model, batch, meta["temperature"], tcfg.clip_eps_low, tcfg.clip_eps_high, tcfg.kl_coef,
                 self.ref_model, tcfg.micro_batch_size, loss_tokens=max(tokens_per_rank, 1.0), token_values=token_values,
                 loss_type=tcfg.loss_type, max_tokens=self.cfg.orchestrator.max_tokens,
-                logit_bias=self._logit_bias(meta),
+                logit_bias=self._logit_bias(meta), is_correction=tcfg.is_correction, is_cap=tcfg.is_cap,
             )  # fmt: skip
         with tracker.timer("optimizer_step") as opt_step:
             grad_norm = optimizer_step(self.model, self.optimizer, tcfg.max_grad_norm, self.log, step)
@@ -126,12 +136,14 @@ class Trainer:
                 if ranks.rank == 0:
                     save_checkpoint(self.run_dir, step, self.model, self.optimizer, tracker.run_identity())
 
+        step_s = time.perf_counter() - step_start
         metrics = {
             **stats,
             "grad_norm": grad_norm,
             "lr": self.optimizer.param_groups[0]["lr"],
             "tokens/s": stats["num_loss_tokens"] / max(fwd_bwd.seconds + opt_step.seconds, 1e-9),
-            "time/step": time.perf_counter() - step_start,
+            **self._efficiency(batch, step_s, waited.seconds),
+            "time/step": step_s,
         }
         m = tracker.log_metrics(metrics, step, REDUCTIONS)
         if token_values is not None:  # the whole batch's tokens, from every rank; rank 0 logs
@@ -175,6 +187,20 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"], group["weight_decay"] = self.tcfg.lr, self.tcfg.weight_decay
         self.log.info(f"optimizer state from {path} (lr {self.tcfg.lr})")
+
+    def _efficiency(self, batch: dict[str, torch.Tensor], step_s: float, waited_s: float) -> dict[str, float]:
+        """This rank's throughput over the whole step, MFU where the peak is known, CUDA memory,
+        and the share of the step spent waiting for the orchestrator's batch."""
+        from rlrun.trainer.perf import flops_per_token
+
+        tokens = float(batch["attention_mask"].sum())
+        out = {"perf/tokens_per_s": tokens / max(step_s, 1e-9), "idle/trainer_wait_frac": waited_s / max(step_s, 1e-9)}
+        if self.peak_flops:
+            flops = flops_per_token(self.model, int(batch["input_ids"].shape[1])) * tokens
+            out["perf/mfu"] = flops / max(step_s, 1e-9) / self.peak_flops
+        if self.ranks.device.type == "cuda":
+            out["perf/peak_memory_gb"] = torch.cuda.max_memory_allocated(self.ranks.device) / 1e9
+        return out
 
     def _logit_bias(self, meta: dict[str, Any]) -> torch.Tensor | None:
         """The sampler's `logit_bias` (the batch's meta) over the logits' width; None when there is none."""

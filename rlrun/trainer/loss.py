@@ -17,6 +17,14 @@ For each completion token t of sequence i, with A_i the sequence's advantage:
   tokens, `grpo` and `gspo` the mean over sequences of each sequence's token mean, `dr_grpo`
   sum / (sequences * max completion length).
 
+`trainer.is_correction` corrects for the sampler/trainer mismatch with the importance ratio
+rho_t = exp(logprob_t - old_logprob_t) as measured by this forward (detached; old_logprob is
+the sampler's): `token_truncate` (TIS) multiplies each token's loss by min(rho_t, cap) / rho_t,
+so that a token's importance weight never exceeds `trainer.is_cap`; `token_mask` drops tokens
+with rho_t outside [1/cap, cap]; `sequence_mask` drops whole sequences whose geometric-mean
+rho is outside it. Dropped tokens still count in the normalizer (the rest are not up-weighted).
+Stats `is/truncated_frac` (tokens with rho_t > cap under token_truncate) and `is/masked_frac`.
+
 The clip stats follow TRL: `low` counts tokens whose ratio fell below 1 - eps_low where A < 0
 (the update would push them further down and is clipped), `high` tokens above 1 + eps_high
 where A > 0, `region` either; each a fraction of the masked tokens.
@@ -30,7 +38,8 @@ from __future__ import annotations
 
 import torch
 
-from rlrun.trainer.config import LOSS_TYPES
+from rlrun.trainer.config import IS_CORRECTIONS, LOSS_TYPES
+
 PER_SEQUENCE = ("grpo", "gspo")  # token means per sequence, then a mean over sequences
 
 
@@ -45,6 +54,8 @@ def per_token_loss(
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     token_values: dict[str, list[torch.Tensor]] | None = None,
+    is_correction: str = "none",
+    is_cap: float = 2.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Each token's loss [B, T] (0 outside `loss_mask`) and detached stats; advantages [B].
 
@@ -53,6 +64,8 @@ def per_token_loss(
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r}: must be one of {LOSS_TYPES}")
+    if is_correction not in IS_CORRECTIONS:
+        raise ValueError(f"is_correction={is_correction!r}: must be one of {IS_CORRECTIONS}")
     mask = loss_mask > 0
     num_tokens = mask.sum().clamp(min=1)
 
@@ -61,6 +74,7 @@ def per_token_loss(
 
     adv = advantages[:, None].to(logprobs.dtype)  # [B, 1]: every token of a sequence shares its advantage
     log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
+    weight, is_stats = is_weights(log_ratio.detach(), mask, is_correction, is_cap)
     if loss_type == "gspo":  # one ratio per sequence: the geometric mean of its tokens' ratios
         log_ratio = (log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)).expand_as(logprobs)
     ratio = torch.exp(log_ratio)  # [B, T]
@@ -71,7 +85,9 @@ def per_token_loss(
         clipped = torch.clamp(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high) * adv
         per_token = -torch.min(unclipped, clipped)  # pessimistic: no gain from moving past the clip
 
-    stats: dict[str, torch.Tensor] = {}
+    if weight is not None:
+        per_token = per_token * weight
+    stats: dict[str, torch.Tensor] = dict(is_stats)
     if ref_logprobs is not None:
         log_ref_ratio = torch.where(mask, ref_logprobs - logprobs, 0.0)
         kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1.0  # k3: unbiased, always >= 0
@@ -93,6 +109,55 @@ def per_token_loss(
             token_values.setdefault("importance_ratio", []).append(ratio[mask])
             token_values.setdefault("per_token_loss", []).append(per_token.detach()[mask])
     return per_token, stats
+
+
+def is_weights(log_rho: torch.Tensor, mask: torch.Tensor, correction: str, cap: float
+               ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:  # fmt: skip
+    """Per-token loss weights [B, T] of `trainer.is_correction` (None for `none`) and their stats,
+    from the detached log importance ratios (0 outside `mask`)."""
+    if correction == "none":
+        return None, {}
+    n = mask.sum().clamp(min=1)
+    rho = torch.exp(log_rho)
+    if correction == "token_truncate":
+        weight = torch.clamp(rho, max=cap) / rho
+        return weight, {"is/truncated_frac": ((rho > cap) & mask).sum() / n}
+    if correction == "token_mask":
+        keep = (rho >= 1.0 / cap) & (rho <= cap)
+    else:  # sequence_mask: the sequence's geometric-mean ratio
+        seq = torch.exp(log_rho.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1))
+        keep = ((seq >= 1.0 / cap) & (seq <= cap)).expand_as(mask)
+    return keep.to(log_rho.dtype), {"is/masked_frac": (~keep & mask).sum() / n}
+
+
+def mismatch_stats(logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """How far the trainer's token logprobs are from the sampler's, over the masked tokens.
+
+    d_t = logprob_t - sampler_logprob_t. `mismatch/kl`: k3 estimate of KL(sampler || trainer),
+    mean of exp(d) - 1 - d (tokens were drawn from the sampler); `logprob_diff_mean` / `_max`:
+    |d|; `ppl_ratio`: the trainer's perplexity over the sampler's, exp(-mean d); the importance
+    ratio exp(d) per token (`token_ratio_*`) and per sequence, exp(sum of its d) (`seq_ratio_*`).
+    """
+    mask = mask > 0
+    if not bool(mask.any()):
+        return {}
+    d = torch.where(mask, logprobs.detach().float() - sampler_logprobs.float(), 0.0)
+    dm = d[mask]
+    rows = mask.any(-1)
+    seq = torch.exp(d.sum(-1)[rows])
+    tok = torch.exp(dm)
+    return {
+        "mismatch/kl": float((tok - 1.0 - dm).mean()),
+        "mismatch/logprob_diff_mean": float(dm.abs().mean()),
+        "mismatch/logprob_diff_max": float(dm.abs().max()),
+        "mismatch/ppl_ratio": float(torch.exp(-dm.mean())),
+        "mismatch/token_ratio_min": float(tok.min()),
+        "mismatch/token_ratio_mean": float(tok.mean()),
+        "mismatch/token_ratio_max": float(tok.max()),
+        "mismatch/seq_ratio_min": float(seq.min()),
+        "mismatch/seq_ratio_mean": float(seq.mean()),
+        "mismatch/seq_ratio_max": float(seq.max()),
+    }
 
 
 def reduce_loss(per_token: torch.Tensor, loss_mask: torch.Tensor, loss_type: str) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from rlrun.trainer.loss import normalizer, per_token_loss, reduce_loss
+from rlrun.trainer.loss import mismatch_stats, normalizer, per_token_loss, reduce_loss
 
 
 def token_logprobs(
@@ -49,6 +49,8 @@ def forward_backward(
     loss_type: str = "dapo",
     max_tokens: int | None = None,
     logit_bias: torch.Tensor | None = None,
+    is_correction: str = "none",
+    is_cap: float = 2.0,
 ) -> dict[str, float]:
     """Accumulate the gradient of this rank's rows' loss; its stats (token means over the rows).
 
@@ -62,6 +64,9 @@ def forward_backward(
     `token_values` (pass `{}` on steps that log distributions, else None): gets the masked
     tokens' `entropy`, `importance_ratio` and `per_token_loss` appended per micro-batch as
     detached 1-D tensors on the model's device; None keeps nothing beyond the scalars.
+
+    The `mismatch/*` stats (`loss.mismatch_stats`) compare this forward's logprobs (the weights
+    at the start of the step) with the sampler's, over all of this rank's rows.
     """
     rows = batch["input_ids"].shape[0]
     size = micro_batch_size or rows
@@ -70,6 +75,7 @@ def forward_backward(
     denominator = normalizer(loss_type, batch_tokens=loss_tokens or rank_tokens, rank_tokens=rank_tokens,
                              rank_rows=rows, max_tokens=max_tokens or batch["input_ids"].shape[1])  # fmt: skip
     sums: dict[str, float] = {}
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (logprobs, sampler's, mask) per micro-batch
     for i, start in enumerate(starts):
         mb = {k: v[start : start + size] for k, v in batch.items()}
         mask = mb["loss_mask"][:, 1:]
@@ -83,8 +89,9 @@ def forward_backward(
                                                      logit_bias)  # fmt: skip
             per_token, stats = per_token_loss(
                 logprobs, mb["old_logprobs"][:, 1:], mb["advantages"], mask, loss_type,
-                clip_eps_low, clip_eps_high, ref_logprobs, kl_coef, token_values,
+                clip_eps_low, clip_eps_high, ref_logprobs, kl_coef, token_values, is_correction, is_cap,
             )  # fmt: skip
+            seen.append((logprobs.detach(), mb["old_logprobs"][:, 1:], mask))
             loss = reduce_loss(per_token, mask, loss_type) / denominator
             loss.backward()
         mb_tokens = float(mask.sum())
@@ -96,6 +103,7 @@ def forward_backward(
         for name, value in stats.items():  # this rank's token means
             sums[name] = sums.get(name, 0.0) + float(value) * mb_tokens / rank_tokens
     sums["num_loss_tokens"] = float(batch["loss_mask"][:, 1:].sum())
+    sums.update(mismatch_stats(*(torch.cat(parts) for parts in zip(*seen))))
     return sums
 
 
