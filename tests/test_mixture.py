@@ -18,7 +18,8 @@ def test_two_env_mixture_records_each_env(tmp_path):
         run_dir, "task=mixture", "task.envs.long.weight=3.0", "task.envs.short.num_eval_prompts=4",
         "task.envs.long.num_eval_prompts=6", "sft.max_steps=2", "max_steps=3", "orchestrator.batch_size=8",
         "orchestrator.group_size=4", "orchestrator.eval_interval=3", "log_extras=samples", "log_extras.interval=1",
-        "log_extras.samples_per_step=16", "logger=[jsonl,tensorboard]", timeout=360,
+        "log_extras.samples_per_step=16", "orchestrator.eval_samples_per_prompt=4", "orchestrator.eval_pass_k=[1,2,4]",
+        "logger=[jsonl,tensorboard]", timeout=360,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
@@ -40,6 +41,10 @@ def test_two_env_mixture_records_each_env(tmp_path):
     final = orchestrator[-1]["metrics"]
     assert final["eval/reward"] == pytest.approx((4 * final["short/eval/reward"] + 6 * final["long/eval/reward"]) / 10)
     assert "short/eval/completions/mean_length" in final and "long/eval/rewards/exact/mean" in final
+    for prefix in ("eval/", "short/eval/", "long/eval/"):  # 4 sampled completions per held-out prompt
+        p1, p2, p4 = (final[f"{prefix}pass@{k}"] for k in (1, 2, 4))
+        assert 0.0 <= p1 <= p2 <= p4 <= 1.0 and 0.0 <= final[f"{prefix}avg@4"] <= 2.0, prefix
+    assert final["eval/pass@1"] == pytest.approx((4 * final["short/eval/pass@1"] + 6 * final["long/eval/pass@1"]) / 10)
 
     rows = [row for record in records(run_dir, "orchestrator", "samples") for row in record["rows"]]
     assert {row["env"] for row in rows} == set(ENVS)

@@ -11,7 +11,15 @@ import torch
 
 from rlrun.envs.base import Environment, Example
 from rlrun.inference import Completion
-from rlrun.orchestrator.eval import EVAL_TEMPERATURE, Evaluator, eval_metrics, eval_table, is_eval_step
+from rlrun.orchestrator.eval import (
+    EVAL_TEMPERATURE,
+    Evaluator,
+    eval_metrics,
+    eval_table,
+    is_eval_step,
+    pass_at_k,
+    sampled_metrics,
+)
 from rlrun.orchestrator.extras import (
     best_and_worst,
     is_logging_step,
@@ -304,3 +312,15 @@ def test_evaluator_runs_one_greedy_completion_per_held_out_prompt():
     quiet.evaluate(9, Client(), Pool(), log)
     assert len(lines) == 1, "num_val_samples_to_print=0: no table"
     assert Evaluator(env, _CharTokenizer(), 0, 5, 2).evaluate(1, Client(), Pool(), log) == {}
+
+
+def test_pass_at_k_unbiased_estimator_by_hand():
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)  # 1 - C(3,2)/C(4,2)
+    assert pass_at_k(4, 0, 4) == 0.0 and pass_at_k(4, 2, 3) == 1.0  # n - c < k: every draw of k holds a correct one
+    assert pass_at_k(8, 3, 2) == pytest.approx(1 - math.comb(5, 2) / math.comb(8, 2))
+    with pytest.raises(ValueError):
+        pass_at_k(4, 1, 5)
+    m = sampled_metrics([[1.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.0, 2.0]],
+                        [[True, False, False, False], [False, False, False, True]], ks=[1, 2, 8])  # fmt: skip
+    assert m == {"avg@4": pytest.approx(0.5), "pass@1": pytest.approx(0.25), "pass@2": pytest.approx(0.5)}, "k > n is left out"

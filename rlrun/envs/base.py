@@ -80,6 +80,11 @@ class Environment(ABC):
         scores["reward"] = sum(weights.get(name, 1.0) * value for name, value in scores.items())
         return scores
 
+    def solved(self, scores: dict[str, float], example: Example | None = None) -> bool:
+        """Whether a completion with these scores solves its prompt (pass@k's "correct"):
+        by default a total reward of at least 1."""
+        return scores["reward"] >= 1.0 - 1e-9
+
     @property
     def library_loggers(self) -> list[str]:
         """Stdlib loggers of the environment's own code, set to `env_workers.env_level` in workers."""

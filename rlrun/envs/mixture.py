@@ -55,6 +55,9 @@ class Mixture(Environment):
     def score(self, completion: str, example: Example) -> dict[str, float]:
         return self.envs[example.env].score(completion, example)
 
+    def solved(self, scores: dict[str, float], example: Example | None = None) -> bool:
+        return self.envs[example.env].solved(scores, example)
+
     @property
     def library_loggers(self) -> list[str]:
         return sorted({name for env in self.envs.values() for name in env.library_loggers})

@@ -76,6 +76,9 @@ class ReverseText(Environment):
     def exact(self, completion: str, example: Example) -> float:
         return float(self._content(completion) == example.answer)
 
+    def solved(self, scores, example=None) -> bool:
+        return scores["exact"] == 1.0
+
     def _content(self, completion: str) -> str:
         """The completion up to its end of sequence (nothing after it counts), less trailing noise."""
         for eos in _EOS_TEXTS:

@@ -23,4 +23,7 @@ class OrchestratorConfig:
     request_timeout_s: float = 300.0
     eval_interval: int = checked(50, ge=0)  # steps between evaluations on held-out prompts (and at the end); 0: off
     num_val_samples_to_print: int = checked(4, ge=0)  # evaluation samples shown as a table in the log
+    # n > 1: n sampled completions per held-out prompt too -> eval/avg@n and eval/pass@k (k <= n)
+    eval_samples_per_prompt: int = checked(1, gt=0)
+    eval_pass_k: list[int] = field(default_factory=lambda: [1, 4, 8])
     log_extras: JobLogExtrasConfig = field(default_factory=JobLogExtrasConfig)

@@ -16,10 +16,18 @@ task of several environments evaluates each env's own held-out set and reports i
 `<env>/eval/*` too.
 `orchestrator.num_val_samples_to_print` (NeMo-RL's name) samples, the best and the worst,
 go to the orchestrator's log as a table.
+
+With `orchestrator.eval_samples_per_prompt` = n > 1, each held-out prompt also gets n sampled
+completions (at `orchestrator.temperature`, seeded): `eval/avg@n` is their mean reward and
+`eval/pass@k`, for each k <= n in `orchestrator.eval_pass_k`, the unbiased estimator of the
+chance that at least one of k samples solves the prompt (`Environment.solved`), averaged over
+prompts (`<env>/eval/...` too for a task of several envs).
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,6 +44,23 @@ EVAL_SEED = 0
 def is_eval_step(step: int, eval_interval: int, max_steps: int) -> bool:
     """Every `eval_interval` steps and at the last step; never with eval_interval=0."""
     return eval_interval > 0 and (step % eval_interval == 0 or step == max_steps)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
+    if not 0 < k <= n:
+        raise ValueError(f"pass@{k} needs 0 < k <= n = {n}")
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def sampled_metrics(rewards: Sequence[Sequence[float]], solved: Sequence[Sequence[bool]], ks: Sequence[int]
+                    ) -> dict[str, float]:  # fmt: skip
+    """`avg@n` and `pass@k` (each k <= n) over prompts, from each prompt's n samples."""
+    n = len(rewards[0])
+    metrics = {f"avg@{n}": statistics.fmean(r for row in rewards for r in row)}
+    for k in sorted({k for k in ks if 0 < k <= n}):
+        metrics[f"pass@{k}"] = statistics.fmean(pass_at_k(n, sum(row), k) for row in solved)
+    return metrics
 
 
 def eval_metrics(scores: Sequence[Mapping[str, float]], completions: Sequence[Completion]) -> dict[str, float]:
@@ -64,7 +89,8 @@ class Evaluator:
     """Holds the held-out prompts (tokenized once) and runs the pass."""
 
     def __init__(self, env: Any, tokenizer: Any, num_prompts: int, max_tokens: int, num_to_print: int,
-                 logit_bias: dict[int, float] | None = None) -> None:  # fmt: skip
+                 logit_bias: dict[int, float] | None = None, samples_per_prompt: int = 1,
+                 pass_k: Sequence[int] = (), temperature: float = 1.0) -> None:  # fmt: skip
         import random
 
         from rlrun.model import encode_example
@@ -75,6 +101,7 @@ class Evaluator:
         self.max_tokens = max_tokens
         self.num_to_print = num_to_print
         self.logit_bias = dict(logit_bias or {})  # as training samples: the same tokens are off limits
+        self.env, self.samples_per_prompt, self.pass_k, self.temperature = env, samples_per_prompt, pass_k, temperature
 
     def evaluate(self, step: int, client: Any, pool: Any, log: Any, version: int | None = None) -> dict[str, float]:
         """Generate, score and summarise; logs a line and the sample table; returns `eval/*` metrics."""
@@ -93,6 +120,8 @@ class Evaluator:
             mine = [i for i, ex in enumerate(self.examples) if ex.env == env]
             own = eval_metrics([scores[i] for i in mine], [completions[i] for i in mine])
             metrics.update({f"{env}/{name}": value for name, value in own.items()})
+        if self.samples_per_prompt > 1:
+            metrics.update(self._sampled(client, pool))
         log.info(
             f"eval at step {step}{'' if version is None else f' (weights v{version})'}: reward "
             f"{metrics['eval/reward']:.3f} over {len(self.examples)} held-out prompts (greedy), "
@@ -103,4 +132,21 @@ class Evaluator:
                            self.num_to_print)  # fmt: skip
         if table:
             log.info("\n" + table)
+        return metrics
+
+    def _sampled(self, client: Any, pool: Any) -> dict[str, float]:
+        """`eval/avg@n` and `eval/pass@k` from n sampled completions per held-out prompt."""
+        n = self.samples_per_prompt
+        groups = client.complete(self.prompt_ids, n=n, max_tokens=self.max_tokens, temperature=self.temperature,
+                                 seed=EVAL_SEED, logit_bias=self.logit_bias)  # fmt: skip
+        texts = [decode_completion(self.tokenizer, c.token_ids) for group in groups for c in group]
+        scores = pool.score(texts, [ex for ex in self.examples for _ in range(n)])
+        rewards = [[s["reward"] for s in scores[i * n : (i + 1) * n]] for i in range(len(self.examples))]
+        solved = [[self.env.solved(s, ex) for s in scores[i * n : (i + 1) * n]] for i, ex in enumerate(self.examples)]
+        metrics = {f"eval/{k}": v for k, v in sampled_metrics(rewards, solved, self.pass_k).items()}
+        envs = list(dict.fromkeys(ex.env for ex in self.examples))
+        for env in envs if len(envs) > 1 else ():
+            mine = [i for i, ex in enumerate(self.examples) if ex.env == env]
+            own = sampled_metrics([rewards[i] for i in mine], [solved[i] for i in mine], self.pass_k)
+            metrics.update({f"{env}/eval/{k}": v for k, v in own.items()})
         return metrics

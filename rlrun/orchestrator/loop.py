@@ -53,7 +53,9 @@ class Orchestrator:
         self.evaluator = None  # the held-out prompts, tokenized once
         if self.ocfg.eval_interval > 0:
             self.evaluator = Evaluator(self.env, self.tokenizer, self.env.num_eval_prompts, self.ocfg.max_tokens,
-                                       self.ocfg.num_val_samples_to_print, self.logit_bias)  # fmt: skip
+                                       self.ocfg.num_val_samples_to_print, self.logit_bias,
+                                       self.ocfg.eval_samples_per_prompt, list(self.ocfg.eval_pass_k),
+                                       self.ocfg.temperature)  # fmt: skip
         url = f"http://{cfg.inference.host}:{cfg.inference.port}"
         self.client = InferenceClient(url, timeout=self.ocfg.request_timeout_s)
         self.client.wait_healthy(cfg.inference.startup_timeout_s, check=stop.check)  # inference may still be loading
