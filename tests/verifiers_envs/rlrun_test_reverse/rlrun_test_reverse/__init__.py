@@ -1,0 +1,3 @@
+from rlrun_test_reverse.taskset import ReverseTaskset
+
+__all__ = ["ReverseTaskset"]
