@@ -587,7 +587,7 @@ def test_flops_per_token_and_peak_by_hand(tiny):
 
     model = tiny[1]
     cfg = model.config
-    h, i, layers, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     # Llama block: q,k,v,o (4 h^2, no biases) + gate/up/down (3 h i) + 2 RMSNorm weights (2 h); final norm h.
     params = layers * (4 * h * h + 3 * h * i + 2 * h) + h  # the (tied) embedding is left out
     assert flops_per_token(model, 20) == 6 * params + 12 * layers * h * 20

@@ -33,6 +33,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 RewardFn = Callable[[str, "Example"], float]
+# End-of-sequence texts of common tokenizers: a completion is scored up to the first one
+# (it is decoded with every token shown, so EOS arrives as text).
+EOS_TEXTS = ("</s>", "<|endoftext|>", "<|im_end|>", "<eos>")
+
+
+def cut_at_eos(completion: str) -> str:
+    """The completion up to its first end-of-sequence text: nothing after it counts."""
+    for eos in EOS_TEXTS:
+        completion = completion.split(eos, 1)[0]
+    return completion
 
 
 @dataclass

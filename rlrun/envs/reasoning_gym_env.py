@@ -50,8 +50,7 @@ import random
 import warnings
 from typing import Any
 
-from rlrun.envs.base import Environment, Example
-from rlrun.envs.reverse_text import _EOS_TEXTS
+from rlrun.envs.base import Environment, Example, cut_at_eos
 
 SEPARATOR = "\n"  # between the question and the answer in the plain-text prompt
 TRAIN_SEED = 1  # the training pool of every dataset whose fields set no `seed`
@@ -106,8 +105,7 @@ def _train_settings(fields: dict[str, Any]) -> tuple[int, int, dict[str, Any]]:
 
 def extract(completion: str, answer_format: str) -> str | None:
     """The answer a completion gives: see the module docstring (None: it gives none)."""
-    for eos in _EOS_TEXTS:
-        completion = completion.split(eos, 1)[0]
+    completion = cut_at_eos(completion)
     if answer_format == "answer_tag":
         from reasoning_gym.utils import extract_answer
 

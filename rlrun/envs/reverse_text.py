@@ -14,11 +14,10 @@ from __future__ import annotations
 import random
 import string
 
-from rlrun.envs.base import Environment, Example
+from rlrun.envs.base import Environment, Example, cut_at_eos
 
 SEPARATOR = "="
 EVAL_SEED = 20_240_611  # the held-out set is the same for every run and seed
-_EOS_TEXTS = ("</s>", "<|endoftext|>", "<|im_end|>", "<eos>")
 
 
 def lcs_length(a: str, b: str) -> int:
@@ -81,9 +80,7 @@ class ReverseText(Environment):
 
     def _content(self, completion: str) -> str:
         """The completion up to its end of sequence (nothing after it counts), less trailing noise."""
-        for eos in _EOS_TEXTS:
-            completion = completion.split(eos, 1)[0]
-        return completion.rstrip(self._strip)
+        return cut_at_eos(completion).rstrip(self._strip)
 
     def _random_text(self, rng: random.Random) -> str:
         length = rng.randint(self.min_chars, self.max_chars)

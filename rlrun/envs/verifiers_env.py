@@ -50,8 +50,7 @@ import random
 import re
 from typing import Any
 
-from rlrun.envs.base import Environment, Example
-from rlrun.envs.reverse_text import _EOS_TEXTS
+from rlrun.envs.base import Environment, Example, cut_at_eos
 
 EVAL_SEED = 20_240_611  # which tasks are held out: the same for every run and seed
 _BUILTIN_GROUP = "verifiers.v1.tasksets"
@@ -331,7 +330,7 @@ class Verifiers(Environment):
     def score(self, completion: str, example: Example) -> dict[str, float]:
         """Each reward's score and `reward`, their weighted total (see the module docstring)."""
         task = self.task_for(example)
-        trace = completion_trace(task, _content(completion))
+        trace = completion_trace(task, cut_at_eos(completion))
         asyncio.run(task.score(trace))  # a reward's exception propagates (verifiers' TaskError)
         names, own_weights = self._reward_info
         recorded = {key: r for key, r in trace.rewards.items() if r is not None}
@@ -362,13 +361,6 @@ def _listing() -> str:
     installed = ", ".join(found) if found else "none (pip install an environment package)"
     builtin = builtin_tasksets()
     return installed + (f"; built into verifiers: {', '.join(builtin)}" if builtin else "")
-
-
-def _content(completion: str) -> str:
-    """The completion up to its first end-of-sequence text (what a chat API would return)."""
-    for eos in _EOS_TEXTS:
-        completion = completion.split(eos, 1)[0]
-    return completion
 
 
 def prompt_messages(data: Any) -> list[dict[str, str]]:
