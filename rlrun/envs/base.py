@@ -26,6 +26,7 @@ processes too, so keep their module imports light (no torch).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -36,6 +37,18 @@ RewardFn = Callable[[str, "Example"], float]
 # End-of-sequence texts of common tokenizers: a completion is scored up to the first one
 # (it is decoded with every token shown, so EOS arrives as text).
 EOS_TEXTS = ("</s>", "<|endoftext|>", "<|im_end|>", "<eos>")
+
+
+def plain(value: Any) -> Any:
+    """A config node (OmegaConf or dataclass) as plain dicts and lists, anything else as it is:
+    picklable for the spawned env workers, and what libraries' own config classes take."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
 
 
 def cut_at_eos(completion: str) -> str:

@@ -50,7 +50,7 @@ import random
 import warnings
 from typing import Any
 
-from rlrun.envs.base import Environment, Example, cut_at_eos
+from rlrun.envs.base import Environment, Example, cut_at_eos, plain
 
 SEPARATOR = "\n"  # between the question and the answer in the plain-text prompt
 TRAIN_SEED = 1  # the training pool of every dataset whose fields set no `seed`
@@ -60,21 +60,10 @@ _MAX_REDRAWS = 100  # held-out draws in a row after which a training item is tak
 _DATASETS: dict[str, Any] = {}  # this process's datasets, by name and settings
 
 
-def _plain(node: Any) -> Any:
-    """An OmegaConf node (or anything else) as plain Python containers."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover - omegaconf is a dependency of rlrun
-        return node
-    if isinstance(node, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(node, resolve=True)
-    return node
-
-
 def dataset_specs(cfg: Any) -> dict[str, tuple[float, dict[str, Any]]]:
     """`cfg.datasets` as name -> (weight, the dataset's own config fields)."""
     specs = {}
-    for name, spec in (_plain(cfg.datasets) or {}).items():
+    for name, spec in (plain(cfg.datasets) or {}).items():
         if spec is not None and not isinstance(spec, dict):
             raise ValueError(f"datasets.{name}={spec!r}: must be a mapping ({{weight: ..., <config fields>}})")
         fields = dict(spec or {})

@@ -50,7 +50,7 @@ import random
 import re
 from typing import Any
 
-from rlrun.envs.base import Environment, Example, cut_at_eos
+from rlrun.envs.base import Environment, Example, cut_at_eos, plain
 
 EVAL_SEED = 20_240_611  # which tasks are held out: the same for every run and seed
 _BUILTIN_GROUP = "verifiers.v1.tasksets"
@@ -111,17 +111,6 @@ def _find_spec(module: str) -> bool:
 def _is_installed(env_id: str) -> bool:
     module = module_name(env_id)
     return bool(module) and (_find_spec(f"{_BUILTIN_GROUP}.{module}") or _find_spec(module))
-
-
-def _plain(value: Any) -> Any:
-    """An OmegaConf node as plain dicts and lists (anything else as it is)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover - omegaconf is a dependency of rlrun
-        return value
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
 
 
 def taskset_config(env_id: str, env_args: dict[str, Any]):
@@ -203,7 +192,7 @@ class Verifiers(Environment):
             taskset_cls = taskset_class(str(env_id))
         except (ImportError, AttributeError, TypeError, ValueError) as exc:
             raise ValueError(f"env_id={env_id!r}: not a usable verifiers environment: {exc}") from None
-        config = taskset_config(str(env_id), dict(_plain(cfg.env_args) or {}))
+        config = taskset_config(str(env_id), dict(plain(cfg.env_args) or {}))
         if taskset_cls.INFINITE:
             raise ValueError(f"env_id={env_id!r}: {taskset_cls.__name__} is an infinite taskset; "
                              "rlrun needs a finite one (it holds some tasks out for evaluation)")  # fmt: skip
@@ -213,7 +202,7 @@ class Verifiers(Environment):
                              "that can be scored without a runtime")  # fmt: skip
         if "reward" in names:
             raise ValueError(f"env_id={env_id!r}: a reward named 'reward' clashes with rlrun's total")
-        unknown = set(_plain(cfg.reward_weights) or {}) - set(names)
+        unknown = set(plain(cfg.reward_weights) or {}) - set(names)
         if unknown:
             raise ValueError(f"reward_weights names unknown reward functions {sorted(unknown)}; "
                              f"{env_id} has {names} (weights {weights})")  # fmt: skip
@@ -223,7 +212,7 @@ class Verifiers(Environment):
         if not getattr(cfg, "env_id", None):
             raise ValueError("verifiers: task.env_id is required")
         self.env_id = str(cfg.env_id)
-        self.env_args: dict[str, Any] = dict(_plain(cfg.env_args) or {})
+        self.env_args: dict[str, Any] = dict(plain(cfg.env_args) or {})
         self.num_eval_prompts = int(cfg.num_eval_prompts)
         self._tasks: list | None = None
         self._examples: dict[int, Example] = {}

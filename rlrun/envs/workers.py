@@ -37,12 +37,11 @@ import time
 from collections import Counter
 from concurrent.futures import Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, is_dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from rlrun.envs.base import Environment, Example
+from rlrun.envs.base import Environment, Example, plain
 from rlrun.log import get_logger, reset_logger, setup_logger
 
 WORKER_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {extra[job]} pid={process} {name}:{line} {message}"
@@ -163,7 +162,7 @@ class EnvWorkerPool:
         `log_dir` is the run's `logs/` directory; `env_factory` ("module:Class") builds an
         environment that is not in the registry (plugins, tests).
         """
-        self._task = _plain(task_cfg)
+        self._task = dict(plain(task_cfg))
         self.env_name: str = name or self._task["name"]
         self.num_workers = int(workers_cfg.num_workers)
         self.max_retries = max_retries
@@ -321,14 +320,3 @@ def _log(level: str, message: str) -> None:
         get_logger().log(level, message)
     except RuntimeError:  # this process set up no logger: stderr still reaches the job's log
         print(f"{level} {message}", file=sys.stderr)
-
-
-def _plain(cfg: Any) -> dict:
-    """The task config as a plain dict (picklable, cheap to send to spawned workers)."""
-    if isinstance(cfg, dict):
-        return dict(cfg)
-    if is_dataclass(cfg):
-        return asdict(cfg)
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
