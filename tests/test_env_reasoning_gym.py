@@ -91,14 +91,16 @@ def test_eval_items_are_kept_out_of_training():
 
 
 def test_dataset_weights_are_respected():
-    cfg = make_cfg({"spell_backward": {"weight": 3.0, **SHORT_WORDS},
-                    "letter_counting": {"weight": 1.0, "min_words": 3, "max_words": 5}}, num_eval_prompts=40)  # fmt: skip
+    datasets = {"spell_backward": {"weight": 3.0, **SHORT_WORDS},
+                "letter_counting": {"weight": 1.0, "min_words": 3, "max_words": 5}}  # fmt: skip
+    cfg = make_cfg(datasets, num_eval_prompts=40)
     env = ReasoningGym(cfg)
     counts = Counter(ex.info["dataset"] for ex in env.sample(random.Random(0), 4000))
     assert counts["spell_backward"] + counts["letter_counting"] == 4000
     assert counts["spell_backward"] / 4000 == pytest.approx(0.75, abs=0.03)
     held_out = Counter(ex.info["dataset"] for ex in env.sample(random.Random(0), 40, split="eval"))
-    assert set(held_out) == {"spell_backward", "letter_counting"} and held_out["spell_backward"] > held_out["letter_counting"]
+    assert set(held_out) == {"spell_backward", "letter_counting"}
+    assert held_out["spell_backward"] > held_out["letter_counting"]
     ex = next(ex for ex in env.sample(random.Random(1), 50) if ex.info["dataset"] == "letter_counting")
     assert 3 <= len(ex.info["entry"]["metadata"]["span"]) <= 5, "the dataset's own fields reach it"
     assert env.score(ex.answer + "</s>", ex)["score"] == 1.0
@@ -188,7 +190,8 @@ def test_launch_validation_names_the_task_key(hydra_compose):
     from rlrun.config import ConfigError, validate
 
     cfg = hydra_compose("task=reasoning_gym", "+task.datasets.nope={}")
-    with pytest.raises(ConfigError, match=r"task\.datasets\.nope: no such reasoning-gym dataset; there are: .*spell_backward"):
+    named = r"task\.datasets\.nope: no such reasoning-gym dataset; there are: .*spell_backward"
+    with pytest.raises(ConfigError, match=named):
         validate(cfg)
     validate(hydra_compose("+experiment=spell_backward"))
 
@@ -197,7 +200,8 @@ def test_module_import_is_cheap_and_datasets_are_built_once_per_process(env):
     code = "import sys, rlrun.envs.reasoning_gym_env; print('reasoning_gym' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
-    assert ReasoningGym(make_cfg(num_eval_prompts=16)).train_dataset("spell_backward") is env.train_dataset("spell_backward")
+    other = ReasoningGym(make_cfg(num_eval_prompts=16))
+    assert other.train_dataset("spell_backward") is env.train_dataset("spell_backward")
     assert env.library_loggers == ["reasoning_gym"]
 
 
