@@ -151,3 +151,25 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def unseen_prompts(cfg, task, num_prompts: int, seed: int = 12345) -> tuple[list, int]:
+    """`num_prompts` task examples the run never trained on or evaluated (its held-out set,
+    SFT batches and RL steps replayed from their seeds and left out), and how many it saw."""
+    import random
+
+    from rlrun.orchestrator.loop import step_rng
+    from rlrun.sft.data import batches
+
+    seen = {ex.prompt for ex in task.sample(random.Random(0), task.num_eval_prompts, split="eval")}
+    sft_batches = batches(task, None, cfg.sft.batch_size, cfg.seed)
+    for _ in range(cfg.sft.max_steps if cfg.sft.data is None else 0):
+        seen |= {ex.prompt for ex, _ in next(sft_batches)}
+    for step in range(1, cfg.max_steps + 1):
+        seen |= {ex.prompt for ex in task.sample(step_rng(cfg.seed, step), cfg.orchestrator.batch_size)}
+    fresh, rng = {}, random.Random(seed)
+    while len(fresh) < num_prompts:
+        ex = task.sample(rng, 1)[0]
+        if ex.prompt not in seen:
+            fresh[ex.prompt] = ex
+    return list(fresh.values()), len(seen)

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, mean, read_metrics, run_rlrun, table, write_json  # noqa: E402
+from _common import machine, mean, read_metrics, run_rlrun, table, unseen_prompts, write_json  # noqa: E402
 
 TARGETS = {"exact": 0.95, "eos": 0.98, "rl_gain_exact": 0.1, "wall_s": 180.0}
 
@@ -48,32 +48,17 @@ def last_eval(records: list[dict]) -> dict[str, float] | None:
 
 def unseen_quality(run_dir: Path, num_strings: int = 200) -> dict[str, float]:
     """Greedy exact-match of the run's final weights, in plain transformers, on strings it never saw."""
-    import random
-
     import torch
-    from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from rlrun.envs import load_environment
-    from rlrun.model import encode_prompt, load_tokenizer, load_weights, policy_path
-    from rlrun.orchestrator.loop import step_rng
+    from rlrun.config import load_run_config
+    from rlrun.envs import load_task
+    from rlrun.model import encode_example, load_tokenizer, load_weights, policy_path
     from rlrun.rundir import latest_step
-    from rlrun.sft.data import batches
 
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    env = load_environment(cfg.task)
-    seen = {ex.prompt for ex in env.sample(random.Random(0), cfg.task.num_eval_prompts, split="eval")}
-    sft_batches = batches(env, None, cfg.sft.batch_size, cfg.seed)
-    for _ in range(cfg.sft.max_steps if cfg.sft.data is None else 0):
-        seen |= {ex.prompt for ex, _ in next(sft_batches)}
-    for step in range(1, cfg.max_steps + 1):
-        seen |= {ex.prompt for ex in env.sample(step_rng(cfg.seed, step), cfg.orchestrator.batch_size)}
-    fresh, rng = {}, random.Random(12345)
-    while len(fresh) < num_strings:
-        ex = env.sample(rng, 1)[0]
-        if ex.prompt not in seen:
-            fresh[ex.prompt] = ex
+    cfg = load_run_config(run_dir / "config.yaml")  # on the schema: a config from an older rlrun still loads
+    fresh, num_seen = unseen_prompts(cfg, load_task(cfg.task), num_strings)
     hf_logging.disable_progress_bar()
     policy = policy_path(cfg, run_dir)
     tokenizer = load_tokenizer(policy)
@@ -81,8 +66,8 @@ def unseen_quality(run_dir: Path, num_strings: int = 200) -> dict[str, float]:
     load_weights(model, run_dir / "weights" / f"step_{latest_step(run_dir / 'weights')}")
     eos_id = tokenizer.eos_token_id
     exact = ended = special = 0
-    for ex in fresh.values():
-        ids = torch.tensor([encode_prompt(tokenizer, ex.prompt)])
+    for ex in fresh:
+        ids = torch.tensor([encode_example(tokenizer, ex)])
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=cfg.orchestrator.max_tokens, do_sample=False,
                                  eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
@@ -91,8 +76,8 @@ def unseen_quality(run_dir: Path, num_strings: int = 200) -> dict[str, float]:
         ended += eos_id in new
         exact += eos_id in new and tokenizer.decode(body) == ex.answer
         special += any(t in tokenizer.all_special_ids and t != eos_id for t in new)
-    mean_len = sum(len(ex.answer) for ex in fresh.values()) / len(fresh)
-    return {"strings": len(fresh), "strings_seen": len(seen), "mean_chars": mean_len, "exact": exact / len(fresh),
+    mean_len = sum(len(ex.answer) for ex in fresh) / len(fresh)
+    return {"strings": len(fresh), "strings_seen": num_seen, "mean_chars": mean_len, "exact": exact / len(fresh),
             "eos": ended / len(fresh), "other_special": special / len(fresh)}  # fmt: skip
 
 

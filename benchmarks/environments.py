@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine, mean, read_metrics, run_rlrun, table, write_json  # noqa: E402
+from _common import RESULTS, machine, mean, read_metrics, run_rlrun, table, unseen_prompts, write_json  # noqa: E402
 from default_quality import last_eval  # noqa: E402
 
 EXPERIMENT = "+experiment=spell_backward"
@@ -43,44 +43,21 @@ def held_out(record: dict | None) -> dict | None:
     return {"step": record["step"], "score": record["reward"], "eos": record["eos"]}
 
 
-def seen_prompts(cfg, task) -> set[str]:
-    """Every prompt the run trained on or evaluated: its held-out set, SFT batches and RL steps."""
-    import random
-
-    from rlrun.orchestrator.loop import step_rng
-    from rlrun.sft.data import batches
-
-    seen = {ex.prompt for ex in task.sample(random.Random(0), task.num_eval_prompts, split="eval")}
-    sft_batches = batches(task, None, cfg.sft.batch_size, cfg.seed)
-    for _ in range(cfg.sft.max_steps if cfg.sft.data is None else 0):
-        seen |= {ex.prompt for ex, _ in next(sft_batches)}
-    for step in range(1, cfg.max_steps + 1):
-        seen |= {ex.prompt for ex in task.sample(step_rng(cfg.seed, step), cfg.orchestrator.batch_size)}
-    return seen
-
-
 def unseen_scores(run_dir: Path, num_prompts: int = 500) -> dict:
     """Greedy reasoning-gym scores, in plain transformers, of the SFT policy and the final
     weights on `num_prompts` prompts the run never saw."""
-    import random
-
     import torch
-    from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from rlrun.config import load_run_config
     from rlrun.envs import load_task
     from rlrun.model import decode_completion, encode_example, load_tokenizer, load_weights, policy_path
     from rlrun.rundir import latest_step
 
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir / "config.yaml")  # on the schema: a config from an older rlrun still loads
     task = load_task(cfg.task)
-    seen = seen_prompts(cfg, task)
-    fresh, rng = {}, random.Random(12345)
-    while len(fresh) < num_prompts:
-        ex = task.sample(rng, 1)[0]
-        if ex.prompt not in seen:
-            fresh[ex.prompt] = ex
+    fresh, num_seen = unseen_prompts(cfg, task, num_prompts)
     hf_logging.disable_progress_bar()
     policy = policy_path(cfg, run_dir)
     tokenizer = load_tokenizer(policy)
@@ -88,7 +65,7 @@ def unseen_scores(run_dir: Path, num_prompts: int = 500) -> dict:
 
     def score(model) -> dict:
         scores, ended = [], 0
-        for ex in fresh.values():
+        for ex in fresh:
             ids = torch.tensor([encode_example(tokenizer, ex)])
             with torch.no_grad():
                 out = model.generate(ids, max_new_tokens=cfg.orchestrator.max_tokens, do_sample=False,
@@ -102,8 +79,8 @@ def unseen_scores(run_dir: Path, num_prompts: int = 500) -> dict:
     before = score(model) if cfg.sft.max_steps > 0 else None
     load_weights(model, run_dir / "weights" / f"step_{latest_step(run_dir / 'weights')}")
     after = score(model)
-    lengths = [len(ex.answer) for ex in fresh.values()]
-    return {"prompts": len(fresh), "prompts_seen": len(seen), "mean_answer_chars": mean(lengths),
+    lengths = [len(ex.answer) for ex in fresh]
+    return {"prompts": len(fresh), "prompts_seen": num_seen, "mean_answer_chars": mean(lengths),
             "sft": before, "final": after}  # fmt: skip
 
 
