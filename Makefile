@@ -26,12 +26,12 @@ test: $(VENV)/.installed-dev
 	$(PY) -m pytest $(ARGS)
 
 $(VENV)/.installed-bench: pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m pip install -q -e '.[bench,envs]'
 	touch $(VENV)/.installed $@
 
 # Every benchmark in turn (or some: make bench BENCHES="overlap startup"); ARGS go to each.
 # Each prints a table and writes benchmarks/results/<name>.json (see README: Benchmarks).
-BENCHES ?= startup overlap trl_compare scaling tracker tracker_load default_quality
+BENCHES ?= startup overlap trl_compare scaling tracker tracker_load default_quality environments
 bench: $(VENV)/.installed-bench
 	@set -e; for b in $(BENCHES); do echo "== benchmarks/$$b.py"; $(PY) benchmarks/$$b.py $(ARGS); done
 

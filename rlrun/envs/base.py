@@ -61,7 +61,7 @@ def cut_at_eos(completion: str) -> str:
 @dataclass
 class Example:
     prompt: str  # the text the policy sees (tokenized by rlrun.model.encode_prompt)
-    answer: str  # the reference the reward functions compare against
+    answer: str  # the reference completion: what reward functions compare against and SFT trains on
     info: dict[str, Any] = field(default_factory=dict)
     env: str = ""  # the key of the environment it came from (set by the task's Mixture)
     # The prompt as chat messages ([{"role", "content"}]), for models with a chat template;
