@@ -173,3 +173,46 @@ def unseen_prompts(cfg, task, num_prompts: int, seed: int = 12345) -> tuple[list
         if ex.prompt not in seen:
             fresh[ex.prompt] = ex
     return list(fresh.values()), len(seen)
+
+
+def run_fields(run: dict) -> dict:
+    """What every quality benchmark keeps of a run: its wall time, the machine's load before and
+    after, and the training reward's first and last 10% of steps."""
+    rewards = [r["metrics"]["reward"] for r in run["orchestrator"]]
+    k = max(1, len(rewards) // 10)
+    return {"wall_s": run["wall_s"], "machine_before": run["machine_before"],
+            "loadavg_1m_after": run["loadavg_1m_after"], "reward_first10pct": mean(rewards[:k]),
+            "reward_last10pct": mean(rewards[-k:])}  # fmt: skip
+
+
+def load_policy(run_dir: Path, cfg) -> tuple:
+    """(model, tokenizer): the run's starting policy (its SFT stage's output when it had one) in
+    plain transformers, eval mode; `load_final_weights` then puts the run's last weights in."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from rlrun.model import load_tokenizer, policy_path
+
+    hf_logging.disable_progress_bar()
+    policy = policy_path(cfg, run_dir)
+    return AutoModelForCausalLM.from_pretrained(policy).eval(), load_tokenizer(policy)
+
+
+def load_final_weights(model, run_dir: Path) -> None:
+    from rlrun.model import load_weights
+    from rlrun.rundir import latest_step
+
+    load_weights(model, run_dir / "weights" / f"step_{latest_step(run_dir / 'weights')}")
+
+
+def greedy_ids(model, tokenizer, example, max_tokens: int) -> list[int]:
+    """The completion's token ids, greedy, with no logit bias: what the weights themselves emit."""
+    import torch
+
+    from rlrun.model import encode_example
+
+    ids = torch.tensor([encode_example(tokenizer, example)])
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    return out[0, ids.shape[1] :].tolist()

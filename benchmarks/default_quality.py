@@ -27,7 +27,19 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, mean, read_metrics, run_rlrun, table, unseen_prompts, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    greedy_ids,
+    load_final_weights,
+    load_policy,
+    machine,
+    mean,
+    read_metrics,
+    run_fields,
+    run_rlrun,
+    table,
+    unseen_prompts,
+    write_json,
+)
 
 TARGETS = {"exact": 0.95, "eos": 0.98, "rl_gain_exact": 0.1, "wall_s": 180.0}
 
@@ -48,30 +60,17 @@ def last_eval(records: list[dict]) -> dict[str, float] | None:
 
 def unseen_quality(run_dir: Path, num_strings: int = 200) -> dict[str, float]:
     """Greedy exact-match of the run's final weights, in plain transformers, on strings it never saw."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
     from rlrun.config import load_run_config
     from rlrun.envs import load_task
-    from rlrun.model import encode_example, load_tokenizer, load_weights, policy_path
-    from rlrun.rundir import latest_step
 
     cfg = load_run_config(run_dir / "config.yaml")  # on the schema: a config from an older rlrun still loads
     fresh, num_seen = unseen_prompts(cfg, load_task(cfg.task), num_strings)
-    hf_logging.disable_progress_bar()
-    policy = policy_path(cfg, run_dir)
-    tokenizer = load_tokenizer(policy)
-    model = AutoModelForCausalLM.from_pretrained(policy).eval()
-    load_weights(model, run_dir / "weights" / f"step_{latest_step(run_dir / 'weights')}")
+    model, tokenizer = load_policy(run_dir, cfg)
+    load_final_weights(model, run_dir)
     eos_id = tokenizer.eos_token_id
     exact = ended = special = 0
     for ex in fresh:
-        ids = torch.tensor([encode_example(tokenizer, ex)])
-        with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=cfg.orchestrator.max_tokens, do_sample=False,
-                                 eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-        new = out[0, ids.shape[1]:].tolist()
+        new = greedy_ids(model, tokenizer, ex, cfg.orchestrator.max_tokens)
         body = new[: new.index(eos_id)] if eos_id in new else new
         ended += eos_id in new
         exact += eos_id in new and tokenizer.decode(body) == ex.answer
@@ -88,19 +87,13 @@ def measure(seed: int, overrides: list[str]) -> dict:
         sft = last_eval(read_metrics(run_dir / "metrics" / "sft.jsonl"))
         unseen = unseen_quality(run_dir)
     final = last_eval(run["orchestrator"])
-    rewards = [r["metrics"]["reward"] for r in run["orchestrator"]]
-    k = max(1, len(rewards) // 10)
     return {
         "seed": seed,
-        "wall_s": run["wall_s"],
-        "machine_before": run["machine_before"],
-        "loadavg_1m_after": run["loadavg_1m_after"],
+        **run_fields(run),
         "final": final,
         "sft": sft,
         "rl_gain_exact": final["exact"] - sft["exact"] if final and sft else None,
         "unseen": unseen,
-        "reward_first10pct": mean(rewards[:k]),
-        "reward_last10pct": mean(rewards[-k:]),
     }
 
 

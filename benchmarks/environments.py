@@ -29,7 +29,20 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine, mean, read_metrics, run_rlrun, table, unseen_prompts, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS,
+    greedy_ids,
+    load_final_weights,
+    load_policy,
+    machine,
+    mean,
+    read_metrics,
+    run_fields,
+    run_rlrun,
+    table,
+    unseen_prompts,
+    write_json,
+)
 from default_quality import last_eval  # noqa: E402
 
 EXPERIMENT = "+experiment=spell_backward"
@@ -46,39 +59,26 @@ def held_out(record: dict | None) -> dict | None:
 def unseen_scores(run_dir: Path, num_prompts: int = 500) -> dict:
     """Greedy reasoning-gym scores, in plain transformers, of the SFT policy and the final
     weights on `num_prompts` prompts the run never saw."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
     from rlrun.config import load_run_config
     from rlrun.envs import load_task
-    from rlrun.model import decode_completion, encode_example, load_tokenizer, load_weights, policy_path
-    from rlrun.rundir import latest_step
+    from rlrun.model import decode_completion
 
     cfg = load_run_config(run_dir / "config.yaml")  # on the schema: a config from an older rlrun still loads
     task = load_task(cfg.task)
     fresh, num_seen = unseen_prompts(cfg, task, num_prompts)
-    hf_logging.disable_progress_bar()
-    policy = policy_path(cfg, run_dir)
-    tokenizer = load_tokenizer(policy)
-    eos_id = tokenizer.eos_token_id
+    model, tokenizer = load_policy(run_dir, cfg)
 
-    def score(model) -> dict:
+    def score() -> dict:
         scores, ended = [], 0
         for ex in fresh:
-            ids = torch.tensor([encode_example(tokenizer, ex)])
-            with torch.no_grad():
-                out = model.generate(ids, max_new_tokens=cfg.orchestrator.max_tokens, do_sample=False,
-                                     eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-            new = out[0, ids.shape[1]:].tolist()
-            ended += eos_id in new
+            new = greedy_ids(model, tokenizer, ex, cfg.orchestrator.max_tokens)
+            ended += tokenizer.eos_token_id in new
             scores.append(task.score(decode_completion(tokenizer, new), ex)["score"])
         return {"score": mean(scores), "exact": mean([float(s == 1.0) for s in scores]), "eos": ended / len(fresh)}
 
-    model = AutoModelForCausalLM.from_pretrained(policy).eval()
-    before = score(model) if cfg.sft.max_steps > 0 else None
-    load_weights(model, run_dir / "weights" / f"step_{latest_step(run_dir / 'weights')}")
-    after = score(model)
+    before = score() if cfg.sft.max_steps > 0 else None
+    load_final_weights(model, run_dir)
+    after = score()
     lengths = [len(ex.answer) for ex in fresh]
     return {"prompts": len(fresh), "prompts_seen": num_seen, "mean_answer_chars": mean(lengths),
             "sft": before, "final": after}  # fmt: skip
@@ -89,27 +89,18 @@ def measure(seed: int, overrides: list[str]) -> dict:
         run_dir = Path(tmp) / "run"
         run = run_rlrun(run_dir, [EXPERIMENT, f"seed={seed}", *overrides])  # waits for an idle CPU
         sft_path = run_dir / "metrics" / "sft.jsonl"
-        sft = held_out(last_eval(read_metrics(sft_path))) if sft_path.is_file() else None
+        sft_records = read_metrics(sft_path) if sft_path.is_file() else []
         unseen = unseen_scores(run_dir)
-        sft_s = None
-        if sft_path.is_file():
-            sft_records = read_metrics(sft_path)
-            sft_s = sft_records[-1]["time"] - run["start"]
+    sft = held_out(last_eval(sft_records))
     final = held_out(last_eval(run["orchestrator"]))
-    rewards = [r["metrics"]["reward"] for r in run["orchestrator"]]
-    k = max(1, len(rewards) // 10)
     return {
         "seed": seed,
-        "wall_s": run["wall_s"],
-        "sft_stage_s": sft_s,  # run start to the SFT job's last record
-        "machine_before": run["machine_before"],
-        "loadavg_1m_after": run["loadavg_1m_after"],
+        **run_fields(run),
+        "sft_stage_s": sft_records[-1]["time"] - run["start"] if sft_records else None,  # run start -> SFT's last record
         "sft": sft,
         "final": final,
         "rl_gain_score": final["score"] - sft["score"] if final and sft else None,
         "unseen": unseen,
-        "reward_first10pct": mean(rewards[:k]),
-        "reward_last10pct": mean(rewards[-k:]),
     }
 
 
