@@ -68,6 +68,7 @@ def _init_worker(
     `log_file` may hold `{worker}`: one file per worker (`per_worker_logs`)."""
     global _ENV, _STARTED, _TIMEOUT_S
     _STARTED, _TIMEOUT_S = started, timeout_s
+    signal.signal(signal.SIGALRM, _on_alarm)  # the per-completion timeout (`_score_one`)
     with counter.get_lock():
         index = counter.value
         counter.value += 1
@@ -118,8 +119,7 @@ def _on_alarm(signum, frame) -> None:
 
 def _score_one(completion: str, example: Example) -> tuple[dict[str, float], str | None]:
     """The env's scores, or all zeros and the kind of error (`score: <type>` / `timeout`)."""
-    previous = signal.signal(signal.SIGALRM, _on_alarm)  # tasks run on the worker's main thread
-    signal.setitimer(signal.ITIMER_REAL, _TIMEOUT_S)
+    signal.setitimer(signal.ITIMER_REAL, _TIMEOUT_S)  # _on_alarm, installed at start: tasks run on the main thread
     try:
         return _ENV.score(completion, example), None
     except ScoreTimeout as exc:
@@ -128,7 +128,6 @@ def _score_one(completion: str, example: Example) -> tuple[dict[str, float], str
         kind, error = f"score: {type(exc).__name__}", exc
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
     if kind not in _SEEN_ERRORS:
         _SEEN_ERRORS.add(kind)
         get_logger().warning(f"{kind}: {error} (scored 0; logged once per kind, counted in <env>/errors/*)")

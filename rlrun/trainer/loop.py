@@ -84,9 +84,10 @@ class Trainer:
         resume_ids = {k: state[k] for k in ("wandb_run_id", "mlflow_run_id") if state.get(k)}
         self.tracker = Tracker(cfg.logger, job="trainer", output_dir=run_dir, run_name=cfg.name,
                                resume_ids=resume_ids, max_table_rows=self.xcfg.max_rows)  # fmt: skip
-        from rlrun.trainer.perf import peak_flops
+        from rlrun.trainer.perf import FlopsPerToken, peak_flops
 
         self.peak_flops = peak_flops(ranks.device, cfg.perf.peak_flops)  # None on CPU unless perf.peak_flops
+        self.flops_per_token = FlopsPerToken(self.model) if self.peak_flops else None
 
     def run(self) -> None:
         """Train steps `start..max_steps`; raises StopRequested on a stop signal."""
@@ -191,12 +192,10 @@ class Trainer:
     def _efficiency(self, batch: dict[str, torch.Tensor], step_s: float, waited_s: float) -> dict[str, float]:
         """This rank's throughput over the whole step, MFU where the peak is known, CUDA memory,
         and the share of the step spent waiting for the orchestrator's batch."""
-        from rlrun.trainer.perf import flops_per_token
-
         tokens = float(batch["attention_mask"].sum())
         out = {"perf/tokens_per_s": tokens / max(step_s, 1e-9), "idle/trainer_wait_frac": waited_s / max(step_s, 1e-9)}
-        if self.peak_flops:
-            flops = flops_per_token(self.model, int(batch["input_ids"].shape[1])) * tokens
+        if self.flops_per_token is not None:
+            flops = self.flops_per_token(int(batch["input_ids"].shape[1])) * tokens
             out["perf/mfu"] = flops / max(step_s, 1e-9) / self.peak_flops
         if self.ranks.device.type == "cuda":
             out["perf/peak_memory_gb"] = torch.cuda.max_memory_allocated(self.ranks.device) / 1e9

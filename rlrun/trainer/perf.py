@@ -39,10 +39,20 @@ def peak_flops(device: Any, configured: float | None) -> float | None:
     return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
 
 
+class FlopsPerToken:
+    """Training FLOPs (forward + backward) per token at a sequence length, for one model (its
+    parameter count taken once)."""
+
+    def __init__(self, model: Any) -> None:
+        model = getattr(model, "module", model)  # DDP
+        embedding = model.get_input_embeddings().weight.numel()
+        self.params = sum(p.numel() for p in model.parameters()) - embedding
+        self.layers, self.hidden = model.config.num_hidden_layers, model.config.hidden_size
+
+    def __call__(self, seq_len: int) -> float:
+        return 6.0 * self.params + 12.0 * self.layers * self.hidden * seq_len
+
+
 def flops_per_token(model: Any, seq_len: int) -> float:
     """Training FLOPs (forward + backward) per token at sequence length `seq_len`."""
-    model = getattr(model, "module", model)  # DDP
-    embedding = model.get_input_embeddings().weight.numel()
-    params = sum(p.numel() for p in model.parameters()) - embedding
-    cfg = model.config
-    return 6.0 * params + 12.0 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+    return FlopsPerToken(model)(seq_len)
