@@ -15,16 +15,20 @@ without the suppression, rlrun under the same bias as its sampler.
 rlrun: `python -m rlrun` (its default split into inference + orchestrator + trainer
 processes, one torch thread each, max_async_steps=1). TRL: one process, GRPOTrainer with
 transformers' generate, torch threads = all cores. Samples/s = 128 / steady-state step time
-(steps after --skip); reward = mean training reward of the last 10 steps.
+(steps after --skip); reward = mean training reward of the last 10 steps. --repeats pairs
+(rlrun then TRL, alternating, each after an idle CPU, the load recorded); the figures are
+medians, the ratio's spread over the pairs is kept.
 Results: benchmarks/results/trl.json. Needs the bench extra: pip install -e '.[bench]'.
 
-    python benchmarks/trl_compare.py [--steps 60] [--skip 5]
+    python benchmarks/trl_compare.py [--steps 60] [--skip 5] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -113,6 +117,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--skip", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="rlrun/TRL pairs, alternating; figures are medians")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -130,52 +135,67 @@ def main() -> int:
                 "samples_per_step": samples}
     print(f"settings: {settings}")
     result: dict = {"rlrun_samples_per_s": None, "trl_samples_per_s": None, "ratio": None, "rlrun_reward": None,
-                    "trl_reward": None, "target_ratio": TARGET_RATIO, "settings": settings}
-
-    with tempfile.TemporaryDirectory(prefix="rlrun-bench-trl-") as tmp:
-        run = run_rlrun(Path(tmp) / "run", rl_overrides)
-    s = summarize(run, args.skip)
-    rl_rewards = [r["metrics"]["reward"] for r in run["orchestrator"]]
-    result["rlrun_samples_per_s"] = samples / s["step_s"]
-    result["rlrun_reward"] = mean(rl_rewards[-10:])
-    result["rlrun"] = {"step_s": s["step_s"], "wall_s": run["wall_s"], "rewards": rl_rewards,
-                       "first_step_to_last_s": run["trainer"][-1]["time"] - run["trainer"][0]["time"],
-                       "machine_before": run["machine_before"]}
-
+                    "trl_reward": None, "target_ratio": TARGET_RATIO, "settings": settings, "pairs": []}
     try:
-        import trl  # noqa: F401
+        import trl
 
         result["trl_version"] = trl.__version__
-        with tempfile.TemporaryDirectory(prefix="rlrun-bench-trl-") as tmp:
-            before = wait_quiet()
-            start = time.time()
-            proc = subprocess.run([sys.executable, __file__, "--child", tmp, "--steps", str(args.steps),
-                                   "--skip", str(args.skip)], cwd=ROOT, capture_output=True, text=True)
-            wall = time.time() - start
-            if proc.returncode != 0:
-                raise RuntimeError(proc.stderr[-3000:])
-            trl_res = json.loads((Path(tmp) / "trl_result.json").read_text())
-        trl_res.update(wall_s=wall, machine_before=before)
-        result["trl"] = trl_res
-        result["trl_samples_per_s"] = samples / trl_res["step_s"]
-        result["trl_reward"] = mean(trl_res["rewards"][-10:])
-        result["ratio"] = result["rlrun_samples_per_s"] / result["trl_samples_per_s"]
-        result["met"] = result["ratio"] >= TARGET_RATIO and result["rlrun_reward"] >= result["trl_reward"]
-    except Exception as exc:  # no TRL (pip install -e '.[bench]') or it failed: say so, keep rlrun's figures
+    except ImportError as exc:  # no TRL (pip install -e '.[bench]'): say so, keep rlrun's figures
         result["trl_error"] = f"{type(exc).__name__}: {exc}"
-        print(f"TRL side failed: {result['trl_error']}")
+    for _ in range(args.repeats):  # rlrun then TRL, alternating, each after an idle CPU
+        pair = {"rlrun": rlrun_side(rl_overrides, samples, args.skip)}
+        if "trl_error" not in result:
+            pair["trl"] = trl_side(args.steps, args.skip, samples)
+            pair["ratio"] = pair["rlrun"]["samples_per_s"] / pair["trl"]["samples_per_s"]
+        result["pairs"].append(pair)
 
+    def median(side: str, key: str) -> float:
+        return statistics.median(p[side][key] for p in result["pairs"])
+
+    result["rlrun_samples_per_s"] = median("rlrun", "samples_per_s")
+    result["rlrun_reward"] = median("rlrun", "reward_last10")
+    rows = [["rlrun", result["rlrun_samples_per_s"], [round(p["rlrun"]["samples_per_s"]) for p in result["pairs"]],
+             result["rlrun_reward"]]]  # fmt: skip
+    if "trl_error" not in result:
+        result["trl_samples_per_s"] = median("trl", "samples_per_s")
+        result["trl_reward"] = median("trl", "reward_last10")
+        ratios = [p["ratio"] for p in result["pairs"]]
+        result.update(ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
+        result["met"] = result["ratio"] >= TARGET_RATIO and result["rlrun_reward"] >= result["trl_reward"]
+        rows.append([f"TRL {result['trl_version']} GRPOTrainer", result["trl_samples_per_s"],
+                     [round(p["trl"]["samples_per_s"]) for p in result["pairs"]], result["trl_reward"]])  # fmt: skip
     result["machine"] = machine()
-    rows = [["rlrun", result["rlrun_samples_per_s"], s["step_s"], result["rlrun"]["wall_s"], result["rlrun_reward"]]]
-    if result.get("trl"):
-        rows.append([f"TRL {result['trl_version']} GRPOTrainer", result["trl_samples_per_s"], result["trl"]["step_s"],
-                     result["trl"]["wall_s"], result["trl_reward"]])
-    print(table(rows, ["system", "samples/s", "step s", "process wall s", "reward (last 10 steps)"]))
+    print(table(rows, ["system", "samples/s (median)", "each run", "reward, last 10 steps (median)"]))
     if result["ratio"] is not None:
-        print(f"rlrun / TRL samples/s = {result['ratio']:.2f} (target >= {TARGET_RATIO} with at least equal reward: "
-              f"{'met' if result['met'] else 'missed'})")
+        print(f"rlrun / TRL samples/s: median {result['ratio']:.2f} over {args.repeats} pairs "
+              f"({result['ratio_min']:.2f}-{result['ratio_max']:.2f}); target >= {TARGET_RATIO} with at least equal "
+              f"reward: {'met' if result['met'] else 'missed'}")
     print(f"wrote {write_json('trl', result)}")
     return 0
+
+
+def rlrun_side(overrides: list[str], samples: int, skip: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="rlrun-bench-trl-") as tmp:
+        run = run_rlrun(Path(tmp) / "run", overrides)  # waits for an idle CPU, records the load
+    s = summarize(run, skip)
+    rewards = [r["metrics"]["reward"] for r in run["orchestrator"]]
+    return {"samples_per_s": samples / s["step_s"], "step_s": s["step_s"], "reward_last10": mean(rewards[-10:]),
+            "rewards": rewards, "wall_s": run["wall_s"], "machine_before": run["machine_before"],
+            "loadavg_1m_after": run["loadavg_1m_after"]}  # fmt: skip
+
+
+def trl_side(steps: int, skip: int, samples: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="rlrun-bench-trl-") as tmp:
+        before = wait_quiet()
+        start = time.time()
+        proc = subprocess.run([sys.executable, __file__, "--child", tmp, "--steps", str(steps), "--skip", str(skip)],
+                              cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+        wall = time.time() - start
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-3000:])
+        res = json.loads((Path(tmp) / "trl_result.json").read_text())
+    return {**res, "samples_per_s": samples / res["step_s"], "reward_last10": mean(res["rewards"][-10:]),
+            "wall_s": wall, "machine_before": before, "loadavg_1m_after": os.getloadavg()[0]}
 
 
 if __name__ == "__main__":
