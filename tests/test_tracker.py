@@ -202,3 +202,15 @@ def test_shutdown_with_dead_backend_persists_backlog(tmp_path):
     # Given 0.2 s: it stops long before the default flush_timeout_s (120 s), let alone never.
     assert worker.request_stop().wait(60), "finish() gives a dead backend flush_timeout_s, not forever"
     assert (tmp_path / "flaky.spill").stat().st_size > 0
+
+
+def test_step_timer_sums_a_phase_within_the_step():
+    """`timer.seconds(name)`: every block of the phase since the step's metrics were last taken."""
+    from rlrun.tracking.timing import StepTimer
+
+    timer = StepTimer()
+    for _ in range(2):
+        with timer("wait") as phase:
+            time.sleep(0.01)
+    assert timer.seconds("wait") == pytest.approx(timer.take()["time/wait"]) and timer.seconds("wait") == 0.0
+    assert phase.seconds >= 0.01 and timer.seconds("never") == 0.0

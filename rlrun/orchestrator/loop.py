@@ -68,7 +68,6 @@ class Orchestrator:
         previous = [r for r in read_metrics(self.tracker.jsonl_file) if r["step"] < self.start]
         self.num_tokens = previous[-1]["metrics"].get("num_tokens", 0.0) if previous else 0.0  # TRL's is cumulative
         self.loaded_version = 0  # inference starts from the initial model
-        self.waited_for_weights = 0.0  # this step's, in seconds
 
     def run(self) -> None:
         """Generate steps `start..max_steps`; raises StopRequested on a stop signal."""
@@ -98,7 +97,6 @@ class Orchestrator:
 
         cfg, ocfg, tracker = self.cfg, self.ocfg, self.tracker
         step_start = time.perf_counter()
-        self.waited_for_weights = 0.0
         # Off-policy bound: generating step s needs the policy after s-1-max_async_steps updates.
         self._sync_weights(step - 1 - ocfg.max_async_steps)
 
@@ -149,7 +147,8 @@ class Orchestrator:
             "tokens/s": generated / max(generate.seconds, 1e-9),
             "off_policy_steps": float(step - 1 - sampled_by),
             # The share of the step inference and the orchestrator waited for the trainer's weights.
-            "idle/inference_wait_frac": self.waited_for_weights / max(time.perf_counter() - step_start, 1e-9),
+            "idle/inference_wait_frac": tracker.timer.seconds("wait_for_weights")
+            / max(time.perf_counter() - step_start, 1e-9),
             "time/step": time.perf_counter() - step_start,
             **eval_metrics,
         }
@@ -175,9 +174,8 @@ class Orchestrator:
             version = latest_step(weights) or 0
             return version if version >= needed else None
 
-        with self.tracker.timer("wait_for_weights") as waited:
+        with self.tracker.timer("wait_for_weights"):
             version = wait_for(newest, f"weights/step_{needed} from the trainer")
-        self.waited_for_weights += waited.seconds
         if version > self.loaded_version:
             with self.tracker.timer("update_weights"):
                 self.client.update_weights(step_dir(weights, version))

@@ -32,6 +32,10 @@ class StepTimer:
             key = f"time/{name}"
             self._pending[key] = self._pending.get(key, 0.0) + phase.seconds
 
+    def seconds(self, name: str) -> float:
+        """`name`'s time so far in this step (every block of it since the last `take`)."""
+        return self._pending.get(f"time/{name}", 0.0)
+
     def take(self) -> dict[str, float]:
         """The durations recorded since the last call, then forget them."""
         pending, self._pending = self._pending, {}
