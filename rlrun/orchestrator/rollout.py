@@ -9,6 +9,7 @@ environments also gets each env's own under `<env>/` (`<env>/reward`, `<env>/rew
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,8 +48,13 @@ class Rollout:
 
 
 def _std(values: Sequence[float]) -> float:
-    """Bessel-corrected standard deviation (TRL's `nanstd`); 0 for fewer than two values."""
-    return statistics.stdev(values) if len(values) > 1 else 0.0
+    """Bessel-corrected standard deviation (as TRL's); 0 for fewer than two values. A NaN reward
+    gives NaN (`statistics.stdev` raises on one), for the run doctor's `nan` rule to report."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = math.fsum(values) / n
+    return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
 
 
 def group_advantages(rewards: Sequence[float], group_size: int, scale: str = "group", eps: float = 1e-4) -> list[float]:
