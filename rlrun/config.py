@@ -18,6 +18,7 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from rlrun.doctor.config import DoctorConfig, check_doctor
 from rlrun.envs.config import LEVELS, EnvWorkersConfig, TaskConfig
 from rlrun.inference.config import SCHEMAS as INFERENCE_SCHEMAS
 from rlrun.inference.config import InferenceConfig
@@ -36,7 +37,7 @@ from rlrun.tracking.config import (
 from rlrun.trainer.config import TrainerConfig
 
 __all__ = [
-    "CONF_DIR", "ConfigError", "DeliveryConfig", "EnvWorkersConfig", "InferenceConfig", "LogExtrasConfig",
+    "CONF_DIR", "ConfigError", "DeliveryConfig", "DoctorConfig", "EnvWorkersConfig", "InferenceConfig", "LogExtrasConfig",
     "LoggerConfig", "MlflowLoggerConfig", "ModelConfig", "MonitorConfig", "OrchestratorConfig", "RunConfig",
     "SftConfig", "TaskConfig", "TensorboardLoggerConfig", "TrainerConfig", "WandbLoggerConfig", "load_run_config",
     "register", "validate",
@@ -86,6 +87,7 @@ class RunConfig:
     log_extras: LogExtrasConfig = field(default_factory=LogExtrasConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
+    doctor: DoctorConfig = field(default_factory=DoctorConfig)
 
 
 def _run_dir(resume_from: str | None, default: str) -> str:
@@ -130,6 +132,7 @@ def validate(cfg: DictConfig) -> None:
     """Check what types cannot; raise ConfigError naming the first bad key."""
     _check_schema(cfg)
     check_fields(cfg)
+    check_doctor(cfg.doctor)
     _check_task(cfg.task)
     if cfg.sft.data is not None and not Path(cfg.sft.data).expanduser().is_file():
         raise ConfigError(f"sft.data={cfg.sft.data!r}: no such file (a jsonl of prompt/completion pairs)")

@@ -4,6 +4,8 @@
 config (secrets come back from the environment) so each job can be started alone for
 debugging. SIGTERM / SIGINT set a stop flag that the job's loop checks between phases:
 it then finishes its trackers and exits 0, which is what the parent's shutdown expects.
+A stop the job asks for itself (`StopFlag.request`: a run-doctor rule in `doctor.stop_on`)
+ends it the same way, with exit code `EXIT_DOCTOR`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import signal
 import sys
 import threading
 from typing import Any
+
+from rlrun.launcher import EXIT_DOCTOR
 
 PARENT_PID_ENV = "RLRUN_PARENT_PID"  # set by rlrun.launcher.supervisor for every job it starts
 
@@ -28,6 +32,7 @@ class StopFlag:
     def __init__(self) -> None:
         self._event = threading.Event()
         self.signal: int | None = None
+        self.reason: str | None = None  # set by `request`: the job stops itself
 
     def install(self) -> StopFlag:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -56,9 +61,21 @@ class StopFlag:
     def set(self) -> None:
         self._event.set()
 
+    def request(self, reason: str) -> None:
+        """Stop this job from within (any thread): the loop ends as on a signal, with `reason`."""
+        self.reason = self.reason or reason
+        self._event.set()
+
+    def why(self) -> str:
+        return f"stopped: {self.reason}" if self.reason else f"stopped by signal {self.signal}"
+
+    def exit_code(self) -> int:
+        """0 for a stop by signal (the parent's shutdown), EXIT_DOCTOR for one the job asked for."""
+        return EXIT_DOCTOR if self.reason else 0
+
     def check(self) -> None:
         if self._event.is_set():
-            raise StopRequested(f"stopped by signal {self.signal}")
+            raise StopRequested(self.why())
 
     def wait(self, seconds: float) -> bool:
         return self._event.wait(seconds)

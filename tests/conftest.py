@@ -92,6 +92,25 @@ def metrics(run_dir: str | Path, job: str) -> list[dict[str, Any]]:
     return records(run_dir, job, "metrics")
 
 
+def assert_names_planned(run_dir: str | Path) -> None:
+    """Every metric and distribution name the run logged is one `rlrun.metric_names` planned
+    for its config: the names checked against the trackers before any job started."""
+    from omegaconf import OmegaConf
+
+    from rlrun.config import schema
+    from rlrun.metric_names import planned_metrics
+
+    cfg = OmegaConf.merge(schema(), OmegaConf.load(Path(run_dir) / "config.yaml"))
+    plan = planned_metrics(cfg)
+    for path in sorted((Path(run_dir) / "metrics").glob("*.jsonl")):
+        logged = read_records(path)
+        scalars = {name for r in logged if r["type"] == "metrics" for name in r["metrics"]}
+        distributions = {r["name"] for r in logged if r["type"] == "distribution"}
+        assert path.stem in plan, f"{path.stem} logs metrics but no names were planned for it"
+        assert not scalars - set(plan[path.stem].scalars), (path.stem, sorted(scalars - set(plan[path.stem].scalars)))
+        assert not distributions - set(plan[path.stem].distributions), (path.stem, sorted(distributions))
+
+
 def wandb_records(run_file: str | Path) -> list[dict[str, Any]]:
     """The records of an offline W&B run's `run-<id>.wandb`, read with `wandb leet inspect --json`
     (wandb-core's reader: wandb has no Python reader for these files any more)."""

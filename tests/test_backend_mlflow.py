@@ -22,7 +22,8 @@ from mlflow_server import MlflowServer  # noqa: E402
 from rlrun.config import MlflowLoggerConfig  # noqa: E402
 from rlrun.rundir import wait_for  # noqa: E402
 from rlrun.tracking.backends import backend_class  # noqa: E402
-from rlrun.tracking.backends.mlflow import MlflowBackend, sanitize_key  # noqa: E402
+from rlrun.tracking.backends.mlflow import MlflowBackend
+from rlrun.tracking.names import sanitize_key  # noqa: E402
 from rlrun.tracking.runs import ensure_run  # noqa: E402
 from rlrun.tracking.base import MetricPoint, TrackerContext  # noqa: E402
 from rlrun.tracking.config import DeliveryConfig  # noqa: E402

@@ -303,3 +303,62 @@ def test_a_bad_verifiers_task_fails_before_any_job(site, tmp_path, overrides, na
     for text in named:
         assert text in out.stdout + out.stderr, out.stdout[-2000:] + out.stderr[-2000:]
     assert not (run_dir / "logs").exists(), "no job started"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_a_nan_reward_stops_the_run_through_the_doctor(site, tmp_path):
+    """The environment's `exact` turns NaN from step 4 on (16 completions a step) and
+    `doctor.stop_on=[nan]`: the run stops within a step with EXIT_DOCTOR, every backend holds
+    the alert, and the last checkpoint loads with finite weights (the NaN update was skipped)."""
+    import torch
+    import yaml
+    from conftest import records, wandb_records
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from rlrun.launcher import EXIT_DOCTOR
+    from rlrun.tracking.record import read_alerts
+    from rlrun.trainer.checkpoint import load_checkpoint
+
+    run_dir = tmp_path / "run"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = run_app(
+        run_dir, "task=verifiers", f"task.env_id={ENV_ID}", "+task.env_args.nan_after=48", "sft.max_steps=0",
+        "max_steps=30", "orchestrator.batch_size=4", "orchestrator.group_size=4", "orchestrator.eval_interval=0",
+        "orchestrator.max_async_steps=0", "trainer.checkpoint_interval=2", "doctor.stop_on=[nan]",
+        "logger=[jsonl,mlflow,tensorboard,wandb]", f"logger.mlflow.tracking_uri={uri}", "logger.wandb.offline=true",
+        timeout=360, env=app_env(tmp_path, PYTHONPATH=str(site), MLFLOW_DISABLE_TELEMETRY="true"),
+    )  # fmt: skip
+    assert out.returncode == EXIT_DOCTOR, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "the run doctor stopped the run" in out.stdout + out.stderr
+
+    rewards = {r["step"]: r["metrics"]["reward"] for r in metrics(run_dir, "orchestrator")}
+    assert all(rewards[s] == rewards[s] for s in (1, 2, 3)) and rewards[4] != rewards[4], "NaN from step 4"
+    first = {}
+    for alert in read_alerts(run_dir):
+        first.setdefault(alert["job"], alert)
+    assert (first["orchestrator"]["rule"], first["orchestrator"]["metric"], first["orchestrator"]["step"]) == (
+        "nan", "reward", 4)
+    assert first["orchestrator"]["stop"] is True
+    for job in ("orchestrator", "trainer"):
+        assert max(r["step"] for r in metrics(run_dir, job)) <= 5, f"{job} stopped within one step"
+
+    from rlrun.model import load_model
+
+    policy, _ = load_model(str(run_dir / "model"), "float32", "cpu", False)
+    optimizer = torch.optim.AdamW(policy.parameters())
+    state = load_checkpoint(run_dir, policy, optimizer, torch.device("cpu"))
+    assert state is not None and state["step"] in (2, 4)
+    assert all(torch.isfinite(p).all() for p in policy.parameters())
+
+    texts = {a["text"] for a in read_alerts(run_dir)}
+    run_id = yaml.safe_load((run_dir / "config.yaml").read_text())["logger"]["mlflow"]["run_id"]
+    tags = MlflowClient(uri).get_run(run_id).data.tags
+    assert tags["rlrun.alert.orchestrator.nan"] in texts
+    (events,) = {p.parent for p in (run_dir / "tensorboard").rglob("events.out.tfevents.*") if "orchestrator" in str(p)}
+    acc = EventAccumulator(str(events), size_guidance={"tensors": 0}).Reload()
+    assert acc.Tensors("alerts/orchestrator/nan/text_summary")[0].step == 4
+    (run_file,) = (run_dir / "wandb").glob("offline-run-*/run-*orchestrator*.wandb")
+    assert [r["alert"]["title"] for r in wandb_records(run_file) if r["type"] == "alert"] == ["orchestrator: nan"]
+    assert records(run_dir, "orchestrator", "alert")[0]["text"] in texts

@@ -4,7 +4,7 @@ held-out set and sample rows; and the bad-task cases that must fail before any j
 from __future__ import annotations
 
 import pytest
-from conftest import metrics, records, run_app
+from conftest import assert_names_planned, metrics, records, run_app
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +53,7 @@ def test_two_env_mixture_records_each_env(tmp_path):
 
     sft = metrics(run_dir, "sft")
     assert "short/eval/reward" in sft[-1]["metrics"] and "long/eval/reward" in sft[-1]["metrics"], "SFT evaluates each env"
+    assert_names_planned(run_dir)
 
     from rlrun.report import load_run
     from rlrun.report.panels import PANELS

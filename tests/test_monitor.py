@@ -129,7 +129,7 @@ def test_system_metrics_of_a_real_job_reach_the_tracker_in_batches(tmp_path, job
         assert 0.0 <= m["system/cpu_percent"] <= 100.0
         assert 0.0 < m["system/ram_used_gb"] and 0.0 < m["system/ram_percent"] < 100.0
         assert m["system/rss_mb/worker"] >= 90.0, "the resident memory of the job and its child"
-        assert "system/cpu_percent/worker" in m
+        assert "system/job_cpu_percent/worker" in m
         assert m["system/disk_used_gb"] > 0.0 and 0.0 < m["system/disk_percent"] <= 100.0
         assert m["system/run_dir_gb"] >= 0.0
         assert m["system/train_step"] == 7.0, "the trainer's newest step"

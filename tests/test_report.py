@@ -20,8 +20,8 @@ STEPS = 40
 FIRST_REWARD, LAST_REWARD = 0.1234, 0.8765
 
 
-def _tracker(run_dir: Path, job: str) -> Tracker:
-    return Tracker(OmegaConf.structured(LoggerConfig), job=job, output_dir=run_dir, rank=0)
+def _tracker(run_dir: Path, job: str, doctor=None) -> Tracker:
+    return Tracker(OmegaConf.structured(LoggerConfig), job=job, output_dir=run_dir, rank=0, doctor=doctor)
 
 
 def _reward(step: int, scale: float = 1.0) -> float:
@@ -31,8 +31,9 @@ def _reward(step: int, scale: float = 1.0) -> float:
     return scale * (FIRST_REWARD + (LAST_REWARD - FIRST_REWARD) * t) + noise
 
 
-def write_run(run_dir: Path, overrides: list[str] | None = None, scale: float = 1.0, monitor: bool = True) -> Path:
-    orchestrator, trainer = _tracker(run_dir, "orchestrator"), _tracker(run_dir, "trainer")
+def write_run(run_dir: Path, overrides: list[str] | None = None, scale: float = 1.0, monitor: bool = True,
+              doctor=None) -> Path:  # fmt: skip
+    orchestrator, trainer = _tracker(run_dir, "orchestrator", doctor), _tracker(run_dir, "trainer", doctor)
     for step in range(1, STEPS + 1):
         reward = _reward(step, scale)
         orchestrator.log_metrics({
@@ -85,7 +86,11 @@ def _row(page: str, metric: str) -> str:
 
 
 def test_report_of_a_run(tmp_path):
-    run_dir = write_run(tmp_path / "run")
+    from rlrun.doctor import DoctorConfig
+
+    # A doctor that finds completions/clipped_ratio 0.5 too high: its finding goes into the report.
+    doctor = OmegaConf.merge(OmegaConf.structured(DoctorConfig), {"no_eos": {"above": 0.4}})
+    run_dir = write_run(tmp_path / "run", doctor=doctor)
     out = _report(run_dir)
     assert out.returncode == 0, out.stderr
     png, page = run_dir / "report.png", run_dir / "report.html"
@@ -99,6 +104,9 @@ def test_report_of_a_run(tmp_path):
     for metric in ("kl", "entropy", "clip_ratio/region_mean", "rewards/format/mean", "system/rss_mb/trainer",
                    "gpu/node/utilization"):
         _row(html, metric)
+    doctor_rows = re.findall(r"<tr><td class='l'>run</td><td class='l'>(\w+)</td><td>(\d+)</td><td class='l'>(\w+)</td>"
+                             r"<td class='l'>([\w/]+)</td><td>([\d.]+)</td><td>(\w+)</td>", html)  # fmt: skip
+    assert doctor_rows == [("orchestrator", "10", "no_eos", "completions/clipped_ratio", "0.5", "no")], doctor_rows
 
 
 def test_panels_without_metrics_are_left_out(tmp_path):

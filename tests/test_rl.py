@@ -15,9 +15,10 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import app_env, metrics, records, run_app, spawn_app, wandb_records
+from conftest import app_env, assert_names_planned, metrics, records, run_app, spawn_app, wandb_records
 
 from rlrun.rundir import wait_for
+from rlrun.tracking.record import read_alerts
 
 pytestmark = pytest.mark.slow
 SECRET = "wandb_v1_" + "S3cr3t" * 8
@@ -118,6 +119,10 @@ def test_default_run_learns_the_task_and_leaves_the_whole_record(tmp_path):
     assert all(any(f"system/rss_mb/{job}" in r["metrics"] for r in usage) for job in ("inference", "orchestrator", "trainer"))
     assert usage[-1]["metrics"]["system/train_step"] == max_steps, "the last sample is taken at the end"
 
+    assert read_alerts(run_dir) == [], "a healthy run: the doctor stays silent"
+    assert "run doctor" not in rl_log
+    assert_names_planned(run_dir)
+
 
 @pytest.mark.timeout(420)
 def test_rl_only_experiment_raises_its_reward_and_emits_no_special_token(tmp_path):
@@ -136,6 +141,16 @@ def test_rl_only_experiment_raises_its_reward_and_emits_no_special_token(tmp_pat
     rows = [row for record in records(run_dir, "orchestrator", "samples") for row in record["rows"]]
     assert len(rows) >= 100
     assert not any(t in row["completion"] for row in rows for t in ("<pad>", "<s>", "<unk>")), "no special token but EOS"
+
+    # Its completions never end (the first round's default): the doctor says so within 30 steps.
+    (no_eos,) = [a for a in read_alerts(run_dir) if a["rule"] == "no_eos"]
+    assert no_eos["job"] == "orchestrator" and no_eos["metric"] == "completions/clipped_ratio"
+    assert no_eos["step"] <= 30 and no_eos["value"] >= 0.9 and not no_eos["stop"]
+    assert f"doctor [no_eos] orchestrator step {no_eos['step']}" in (run_dir / "logs" / "orchestrator.log").read_text()
+    rl_log = (run_dir / "logs" / "rl.log").read_text()
+    assert no_eos["text"] in rl_log, "shown by the parent as it came"
+    assert f"orchestrator step {no_eos['step']}: no_eos (completions/clipped_ratio" in rl_log, "and in the summary"
+    assert_names_planned(run_dir)
 
 
 # ---------------------------------------------------------------- bad input
@@ -241,6 +256,7 @@ def test_two_ranks_and_two_trackers_offline(tmp_path):
         names |= {record["run"]["display_name"] for record in records if record["type"] == "run"}
         assert SECRET not in json.dumps(records)
     assert names == {"exp-trainer", "exp-orchestrator", "exp-monitor"}  # monitor=system: the parent's usage run
+    assert_names_planned(run_dir)
 
     from mlflow.tracking import MlflowClient
 

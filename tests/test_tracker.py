@@ -134,6 +134,10 @@ class FlakyBackend(Backend):
         self._check()
         self.other.append(("distribution", step))
 
+    def log_alert(self, alert):
+        self._check()
+        self.other.append(("alert", alert.step))
+
     def finish(self):
         self.finished = True
 

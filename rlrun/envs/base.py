@@ -72,6 +72,9 @@ class Example:
 class Environment(ABC):
     name: str = ""
     reward_fns: dict[str, RewardFn]
+    # The reward functions' names when the class knows them before loading (None: only the
+    # loaded environment does): the launcher checks their metric names against the trackers.
+    reward_names: tuple[str, ...] | None = None
     # Weights of reward functions that are not 1 unless `task.reward_weights` says otherwise
     # (0: reported as `rewards/<fn>/*`, not part of `reward`).
     default_reward_weights: dict[str, float] = {}

@@ -104,6 +104,7 @@ def extract(completion: str, answer_format: str) -> str | None:
 
 class ReasoningGym(Environment):
     name = "reasoning_gym"
+    reward_names = ("score",)
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
@@ -148,7 +149,7 @@ class ReasoningGym(Environment):
             raise ValueError("reasoning_gym: task.datasets names no dataset")
         self.names = list(self.specs)
         self.weights = [weight for weight, _ in self.specs.values()]
-        self.reward_fns = {"score": self.score_fn}
+        self.reward_fns = {self.reward_names[0]: self.score_fn}
         self._eval = self._make_eval_set(int(cfg.num_eval_prompts))
         self._held_out = {ex.info["entry"]["question"] for ex in self._eval}
         self._warned: set[str] = set()

@@ -38,6 +38,7 @@ def lcs_ratio(answer: str, completion: str) -> float:
 
 class ReverseText(Environment):
     name = "reverse_text"
+    reward_names = ("lcs", "exact")
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -48,7 +49,7 @@ class ReverseText(Environment):
         super().__init__(cfg)
         self.alphabet = str(cfg.alphabet)
         self.min_chars, self.max_chars = int(cfg.min_chars), int(cfg.max_chars)
-        self.reward_fns = {"lcs": self.lcs, "exact": self.exact}
+        self.reward_fns = dict(zip(self.reward_names, (self.lcs, self.exact)))
         # Trailing whitespace is noise unless the alphabet itself has it.
         self._strip = "".join(c for c in string.whitespace if c not in self.alphabet)
         self._eval = self._make_eval_set(int(cfg.num_eval_prompts))

@@ -10,3 +10,4 @@
 EXIT_OK = 0
 EXIT_FAILED = 1  # a job failed (or the parent itself did)
 EXIT_CONFIG = 2  # the run could not start: a bad config, a tracker or backend that can never work
+EXIT_DOCTOR = 3  # a job, and so the run, stopped on a run-doctor finding in `doctor.stop_on`

@@ -11,7 +11,9 @@ Metrics (`system` on):
     system/cpu_percent              whole machine, 0-100
     system/ram_used_gb, system/ram_percent
     system/rss_mb/<job>             resident memory of the job's whole process tree (summed)
-    system/cpu_percent/<job>        CPU of the job's process tree (100 = one core)
+    system/job_cpu_percent/<job>    CPU of the job's process tree (100 = one core); not under
+                                    system/cpu_percent/, which is itself a metric (MLflow's file
+                                    store cannot keep a metric that is also a folder)
     system/disk_used_gb, system/disk_percent    the filesystem holding the run directory
     system/run_dir_gb               size of the run directory (walked at most every 30 s)
 
@@ -185,7 +187,7 @@ class Monitor:
         for job, pid in self.pids().items():
             usage = self._job_usage(job, pid)
             if usage is not None:
-                m[f"system/rss_mb/{job}"], m[f"system/cpu_percent/{job}"] = usage
+                m[f"system/rss_mb/{job}"], m[f"system/job_cpu_percent/{job}"] = usage
         try:
             disk = shutil.disk_usage(self.run_dir)
             m["system/disk_used_gb"] = disk.used / GB

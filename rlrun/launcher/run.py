@@ -5,7 +5,8 @@ and talk through the run directory. With `sft.max_steps > 0` the SFT job runs fi
 (RL starts from the policy it leaves). Then inference, orchestrator and trainer start at once (orchestrator and trainer
 import torch while inference loads the model); the parent waits for inference's `/health`
 so that a server that cannot start is reported as such. The run is done when orchestrator
-and trainer exit 0; when any job fails, every job is stopped and the parent exits 1.
+and trainer exit 0; when any job fails, every job is stopped and the parent exits 1, or
+`EXIT_DOCTOR` (3) when the job stopped on a run-doctor finding (`doctor.stop_on`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from typing import Any
 from omegaconf import DictConfig
 
 from rlrun.config import ConfigError, validate
+from rlrun.metric_names import check_metric_names
 from rlrun.job import StopFlag
-from rlrun.launcher import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
+from rlrun.launcher import EXIT_CONFIG, EXIT_DOCTOR, EXIT_FAILED, EXIT_OK
 from rlrun.launcher.prepare import prepare_dir, settle
 from rlrun.launcher.supervisor import Job, JobFailed, Supervisor, python_module, torchrun
 from rlrun.redact import secrets_env
@@ -33,6 +35,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> int:
     run_dir = Path(run_dir).resolve()
     try:
         validate(cfg)
+        check_metric_names(cfg)
         if cfg.resume_from and not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"resume_from={cfg.resume_from!r}: not an rlrun run directory (no config.yaml)")
     except ConfigError as exc:
@@ -61,7 +64,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> int:
 
 def _start_and_watch(cfg: DictConfig, run_dir: Path, launch: Any, log: Any) -> int:
     from rlrun.launcher.monitor import start_monitor
-    from rlrun.launcher.progress import RunProgress
+    from rlrun.launcher.progress import RunProgress, doctor_summary
+    from rlrun.tracking.record import read_alerts
 
     stop = StopFlag().install()
     sup = Supervisor(run_dir, log=log.info)
@@ -83,7 +87,7 @@ def _start_and_watch(cfg: DictConfig, run_dir: Path, launch: Any, log: Any) -> i
         _wait_serving(cfg, sup, stop)
         log.info(f"inference is serving on {cfg.inference.host}:{cfg.inference.port}")
 
-        progress = RunProgress(run_dir, cfg.max_steps)
+        progress = RunProgress(run_dir, cfg.max_steps, warn=log.warning)
         finished = sup.wait({"orchestrator", "trainer"}, tick=progress.update, should_stop=lambda: bool(stop))
         progress.update()
         if finished:
@@ -96,15 +100,23 @@ def _start_and_watch(cfg: DictConfig, run_dir: Path, launch: Any, log: Any) -> i
         code = 128 + (stop.signal or signal.SIGINT)
         log.warning("interrupted; stopping every job gracefully")
     except JobFailed as exc:
-        code = EXIT_FAILED
-        log.error(str(exc))
-        _show_tail(exc.job.log_file, log)
+        stopping = [a for a in read_alerts(run_dir) if a.get("stop")]
+        if stopping:  # the job stopped itself on a finding: a clean stop, not a crash
+            code = EXIT_DOCTOR
+            log.error(f"the run doctor stopped the run (doctor.stop_on): {stopping[0]['text']} "
+                      f"[job '{exc.job.name}' exited with code {exc.code}; checkpoints kept]")  # fmt: skip
+        else:
+            code = EXIT_FAILED
+            log.error(str(exc))
+            _show_tail(exc.job.log_file, log)
     except Exception as exc:
         code = EXIT_FAILED
         log.exception(f"the run failed: {exc}")
     finally:
         if progress is not None:
             progress.close()
+        if code != EXIT_OK and (findings := doctor_summary(run_dir)):
+            log.warning(findings.strip())
         # A failure stops the others fast; a requested stop lets trackers flush.
         grace = 5.0 if code == EXIT_FAILED else float(cfg.logger.delivery.flush_timeout_s) + 15.0
         sup.stop_all(grace)

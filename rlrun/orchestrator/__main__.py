@@ -1,8 +1,8 @@
 """`python -m rlrun.orchestrator --config <run>/config.yaml [key=value ...]`
 
 Generates, scores and writes one training batch per step (see `loop.py`). SIGTERM / SIGINT
-end the current step, flush the trackers and exit 0; an error is logged with its traceback
-and exits 1.
+end the current step, flush the trackers and exit 0 (`EXIT_DOCTOR` when the run doctor asked
+for the stop); an error is logged with its traceback and exits 1.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         from rlrun.orchestrator.loop import Orchestrator
 
         Orchestrator(cfg, run_dir, stop).run()
-    except StopRequested:
-        log.info("stop requested; orchestrator exiting cleanly")
+    except StopRequested as stopped:
+        log.info(f"{stopped}; orchestrator exiting cleanly")
+        return stop.exit_code()
     except Exception:
         log.exception("orchestrator failed")
         return 1

@@ -61,7 +61,7 @@ class Orchestrator:
         self.client.wait_healthy(cfg.inference.startup_timeout_s, check=stop.check)  # inference may still be loading
         self.start = resume_step(run_dir) + 1
         self.tracker = Tracker(cfg.logger, job="orchestrator", output_dir=run_dir, run_name=cfg.name,
-                               max_table_rows=self.xcfg.max_rows)  # fmt: skip
+                               max_table_rows=self.xcfg.max_rows, doctor=cfg.doctor, on_stop=stop.request)  # fmt: skip
         # One pool of workers per environment, each with its own log file.
         self.pools = {key: EnvWorkerPool(env_cfg, cfg.env_workers, run_dir / "logs", name=key)
                       for key, env_cfg in env_configs(cfg.task).items()}  # fmt: skip

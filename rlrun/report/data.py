@@ -1,6 +1,7 @@
 """Runs as a report sees them: their metrics, read back from the run's own record.
 
-Only `metrics/<job>.jsonl` (through `rlrun.tracking.record`, the one reader of the record)
+Only `metrics/<job>.jsonl` (metrics and the run doctor's `alert` records, through
+`rlrun.tracking.record`, the one reader of the record)
 and `.hydra/overrides.yaml` are read: no tracker, no server, so a finished, crashed or
 still-running run can be reported on alike.
 """
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlrun.tracking.record import read_metrics, record_path
+from rlrun.tracking.record import read_alerts, read_metrics, record_path
 
 JOBS = ("orchestrator", "trainer", "monitor")
 ELAPSED = "system/elapsed_s"  # the monitor's x-axis: wall-clock seconds since the start
@@ -33,6 +34,7 @@ class Run:
     label: str
     overrides: list[str]
     metrics: dict[str, dict[str, Series]] = field(default_factory=dict)  # job -> metric -> series
+    alerts: list[dict[str, Any]] = field(default_factory=list)  # the run doctor's findings, oldest first
 
     def get(self, job: str, name: str) -> Series | None:
         return self.metrics.get(job, {}).get(name)
@@ -97,6 +99,7 @@ def load_run(path: Path, label: str = "") -> Run:
     for job in JOBS:
         if records := read_metrics(record_path(path, job)):
             run.metrics[job] = _series(records, job)
+    run.alerts = read_alerts(path)
     return run
 
 

@@ -190,6 +190,7 @@ def write_html(runs: list[Run], out_html: Path, png: Path, title: str) -> None:
     parts.append("</table>")
     if data:
         parts.append(f"<img alt='report' src='data:image/png;base64,{data}'>")
+    parts += _doctor_section(runs)
     parts.append("<h2>Values</h2><p>Training metrics over steps; usage metrics (monitor) over its samples.</p>")
     for run in runs:
         if len(runs) > 1:
@@ -202,6 +203,22 @@ def write_html(runs: list[Run], out_html: Path, png: Path, title: str) -> None:
         parts.append("</table>")
     parts.append("</body></html>")
     out_html.write_text("\n".join(parts), encoding="utf-8")
+
+
+def _doctor_section(runs: list[Run]) -> list[str]:
+    """The run doctor's findings of each run: rule, job, step, metric, value, what to try."""
+    e = html.escape
+    parts = ["<h2>Run doctor</h2>"]
+    if not any(run.alerts for run in runs):
+        return parts + ["<p>No findings: no rule of the run's <code>doctor</code> config fired.</p>"]
+    parts.append("<table><tr><th>run</th><th>job</th><th>step</th><th>rule</th><th>metric</th><th>value</th>"
+                 "<th>stopped the run</th><th>what it means, what to try</th></tr>")  # fmt: skip
+    for run in runs:
+        for a in run.alerts:
+            parts.append(f"<tr><td class='l'>{e(run.label)}</td><td class='l'>{e(a['job'])}</td><td>{a['step']}</td>"
+                         f"<td class='l'>{e(a['rule'])}</td><td class='l'>{e(a['metric'])}</td><td>{fmt(a['value'])}</td>"
+                         f"<td>{'yes' if a.get('stop') else 'no'}</td><td class='l'>{e(a['hint'])}</td></tr>")  # fmt: skip
+    return parts + ["</table>"]
 
 
 def _reward_change(run: Run) -> str:

@@ -77,7 +77,8 @@ class SftTrainer:
                                    cfg.orchestrator.num_val_samples_to_print, bias)  # fmt: skip
         self.sampler = _LocalSampler(Engine(model, self.tokenizer, device=str(ranks.device)))
         self.num_tokens = 0.0
-        self.tracker = Tracker(cfg.logger, job="sft", output_dir=run_dir, run_name=cfg.name)
+        self.tracker = Tracker(cfg.logger, job="sft", output_dir=run_dir, run_name=cfg.name, doctor=cfg.doctor,
+                               on_stop=stop.request)  # fmt: skip
 
     def run(self) -> None:
         """Train `sft.max_steps` steps, then publish the model; raises StopRequested on a stop signal."""
@@ -88,7 +89,7 @@ class SftTrainer:
                           f"of {scfg.batch_size} pairs, lr {scfg.lr}, data {scfg.data or 'the task reference answers'}")
             for step in range(1, scfg.max_steps + 1):
                 if any_rank(bool(self.stop), self.ranks):  # every rank stops at the same step
-                    raise StopRequested(f"stopped by signal {self.stop.signal} before sft step {step}")
+                    raise StopRequested(f"{self.stop.why()} (before sft step {step})")
                 self.step(step)
             if self.ranks.rank == 0:
                 self._publish()

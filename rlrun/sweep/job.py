@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rlrun.gpus import allocated_gpu_count
-from rlrun.launcher import EXIT_CONFIG, EXIT_FAILED
+from rlrun.launcher import EXIT_CONFIG, EXIT_DOCTOR, EXIT_FAILED
 from rlrun.rundir import read_json, write_json
 from rlrun.sweep.summary import STATUS_FILE, SWEEP_FILE, final_metrics, sweep_id, timestamp
 from rlrun.tracking.runs import resolve_tracking_uri
@@ -174,6 +174,8 @@ def _run_checked(run: Callable[[DictConfig, Path], int], cfg: DictConfig, run_di
 
 
 def _status_name(code: int) -> str:
+    if code == EXIT_DOCTOR:
+        return "stopped by doctor"
     return "done" if code == 0 else "stopped" if code >= 128 else "failed"
 
 

@@ -21,6 +21,34 @@ class MetricPoint(NamedTuple):
     time: float  # wall-clock seconds (time.time()) when the caller logged it
 
 
+@dataclass(frozen=True)
+class Alert:
+    """A finding of the run doctor (`rlrun.doctor`) about one job's metric stream."""
+
+    job: str
+    rule: str  # the doctor rule, e.g. "no_eos"
+    metric: str  # what it watched, e.g. "completions/clipped_ratio"
+    step: int
+    value: float
+    detail: str  # what was seen, e.g. "(>= 0.9 for 10 steps)"
+    hint: str  # what it means, then what to try
+    stop: bool  # the rule is in `doctor.stop_on`: the job stops
+    time: float
+
+    @property
+    def title(self) -> str:
+        return f"{self.job}: {self.rule}"
+
+    def text(self) -> str:
+        """One line: the rule, the metric, the step, the value, what it means and what to try."""
+        stopping = " The run stops (doctor.stop_on)." if self.stop else ""
+        return (f"doctor [{self.rule}] {self.job} step {self.step}: {self.metric} = {self.value:.4g} "
+                f"{self.detail}: {self.hint}.{stopping}")  # fmt: skip
+
+    def record(self) -> dict[str, Any]:
+        return {**{k: getattr(self, k) for k in self.__dataclass_fields__}, "text": self.text()}
+
+
 @dataclass
 class TrackerContext:
     """What a backend needs to know about the job it records."""
@@ -70,6 +98,10 @@ class Backend(ABC):
     @abstractmethod
     def log_distribution(self, name: str, values: list[float], step: int) -> None:
         """Values of one step (never empty, all finite)."""
+
+    @abstractmethod
+    def log_alert(self, alert: Alert) -> None:
+        """A run-doctor finding, in the tracker's own alert / tag / text form."""
 
     def run_identity(self) -> dict[str, str]:
         """Ids a resumed job needs to continue the same tracker run (e.g. {'wandb_run_id': ...})."""

@@ -16,6 +16,7 @@ import pickle
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ WAKE_INTERVAL_S = 0.05
 
 @dataclass(frozen=True)
 class Event:
-    kind: str  # metrics | hyperparams | samples | distribution
+    kind: str  # metrics | hyperparams | samples | distribution | alert
     payload: Any
 
 
@@ -124,16 +125,20 @@ class Backlog:
 
 
 class BackendWorker:
-    """One backend, one thread, one backlog."""
+    """One backend, one thread, one backlog. `observer`, if given, sees each batch of metric
+    points once the backend took them (the run doctor reads the jsonl record's stream)."""
 
-    def __init__(self, backend: Backend, delivery_cfg: Any, spill_dir: Path) -> None:
+    def __init__(self, backend: Backend, delivery_cfg: Any, spill_dir: Path,
+                 observer: Callable[[list[MetricPoint]], None] | None = None) -> None:  # fmt: skip
         self.backend = backend
+        self.observer = observer
         self.cfg = delivery_cfg
         self.name = backend.name
         self.inbox: deque[Event | _Control] = deque()  # append/popleft are atomic
         self._wake = threading.Event()  # set for flush and stop requests only
         self.backlog = Backlog(delivery_cfg.max_in_memory, spill_dir / f"{backend.name}.spill")
         self.failures = 0  # failed delivery attempts
+        self.failing_since: float | None = None  # monotonic time of the current streak's first failure
         self._received = 0
         self._opened = False
         self._waiting: list[_Control] = []
@@ -220,6 +225,7 @@ class BackendWorker:
                 self._failed(exc)
                 return
             self.backlog.pop(len(events))
+            self.failing_since = None
             if self.failures and self._retry_delay:
                 log.warning("tracker backend %s recovered; delivery resumed (%d queued)", self.name, len(self.backlog))
             self._retry_delay = 0.0
@@ -253,6 +259,8 @@ class BackendWorker:
                     self.backend.log_metrics([points[0]._replace(metrics=dict(items[i : i + max_n]))])
             else:
                 self.backend.log_metrics(points)
+            if self.observer is not None:
+                self._observe(points)
         elif first.kind == "hyperparams":
             self.backend.log_hyperparams(first.payload)
         elif first.kind == "samples":
@@ -261,11 +269,23 @@ class BackendWorker:
         elif first.kind == "distribution":
             name, values, step = first.payload
             self.backend.log_distribution(name, values, step)
+        elif first.kind == "alert":
+            self.backend.log_alert(first.payload)
         else:
             raise ValueError(f"unknown tracker event {first.kind!r}")
 
+    def _observe(self, points: list[MetricPoint]) -> None:
+        """The observer's failure is its own: the points are delivered, never sent again for it."""
+        try:
+            self.observer(points)  # type: ignore[misc]
+        except Exception as exc:
+            log.error("%s: the observer of tracker backend %s failed: %s: %s", type(self.observer).__name__,
+                      self.name, type(exc).__name__, exc)  # fmt: skip
+
     def _failed(self, exc: Exception) -> None:
         self.failures += 1
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
         initial, cap = float(self.cfg.retry_initial_s), float(self.cfg.retry_max_s)
         self._retry_delay = min(cap, self._retry_delay * 2 if self._retry_delay else initial)
         self._next_try = time.monotonic() + self._retry_delay

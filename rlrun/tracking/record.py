@@ -1,7 +1,8 @@
 """The one reader of the local record, `<run>/metrics/<job>.jsonl` (written by the jsonl backend).
 
 Each line is one JSON object with a `type`: `metrics` (`step`, `time`, `metrics`),
-`hyperparams`, `samples` or `distribution`. A torn last line (a crash mid-write, or a
+`hyperparams`, `samples`, `distribution` or `alert` (a run-doctor finding: the fields of
+`rlrun.tracking.base.Alert`). A torn last line (a crash mid-write, or a
 line still being written) is skipped. Everything that reads a run's record (the resume
 rules, the parent's progress bar and monitor, the sweep summary, reports, tests) reads it
 through here.
@@ -45,6 +46,12 @@ def read_records(path: str | Path, kind: str | None = None) -> list[dict[str, An
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The `metrics` records of a jsonl file, in the order they were written."""
     return read_records(path, "metrics")
+
+
+def read_alerts(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every job's run-doctor findings (`alert` records), oldest first."""
+    alerts = [a for path in sorted((Path(run_dir) / "metrics").glob("*.jsonl")) for a in read_records(path, "alert")]
+    return sorted(alerts, key=lambda a: a.get("time", 0.0))
 
 
 def last_logged_step(path: str | Path) -> int | None:

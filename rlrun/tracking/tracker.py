@@ -3,7 +3,9 @@
 Calls from the training loop only reduce across ranks (one collective per step, when
 distributed) and enqueue; each backend has its own writer thread (`delivery.py`), so a
 slow or dead backend delays nothing, not even the other backends. The jsonl backend is
-always on: it is the local record that keeps everything.
+always on: it is the local record that keeps everything. With a `doctor` config, the run
+doctor (`rlrun.doctor`) reads the points the jsonl record took, on the jsonl writer's thread
+(no thread of its own: on a busy 2-core machine each extra waking thread cost the step time).
 """
 
 from __future__ import annotations
@@ -11,14 +13,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from rlrun.redact import flatten, redact
 from rlrun.tracking.backends import backend_class, enabled_backends
 from rlrun.tracking.backends.jsonl import jsonl_path
-from rlrun.tracking.base import MetricPoint, TrackerContext
+from rlrun.tracking.base import Alert, MetricPoint, TrackerContext
 from rlrun.tracking.delivery import BackendWorker, Event
 from rlrun.tracking.record import last_logged_step
 from rlrun.tracking.reduce import process_group, reduce_metrics
@@ -42,13 +44,18 @@ class Tracker:
         output_dir: str | Path,
         run_name: str = "rlrun",
         rank: int | None = None,
+        doctor: Any = None,
+        on_stop: Callable[[str], None] | None = None,
         **context: Any,
     ) -> None:
-        """`context`: the other fields of `TrackerContext` (resume_ids, max_table_rows, ...)."""
+        """`doctor`: the run's `doctor` config (None: no doctor); `on_stop(reason)` is called, from
+        the doctor's thread, for a finding of a rule in `doctor.stop_on`. `context`: the other
+        fields of `TrackerContext` (resume_ids, max_table_rows, ...)."""
         self.job = job
         self.rank = _dist_rank() if rank is None else rank
         self.timer = StepTimer()
         self.workers: dict[str, BackendWorker] = {}
+        self.on_stop = on_stop
         self._identity: dict[str, str] = {}
         self._finished = False
         output_dir = Path(output_dir)
@@ -64,9 +71,15 @@ class Tracker:
             cls.preflight(logger_cfg[name], ctx)  # e.g. W&B online without credentials: fail now
             backends.append(cls(logger_cfg[name], ctx))
         spill_dir = self.jsonl_file.parent / ".spill" / job
+        observer = None
+        if doctor is not None and doctor.enabled:
+            from rlrun.doctor.doctor import Doctor
+
+            observer = Doctor(doctor, job, self._alert, self._failing)
         for backend in backends:
             self._identity.update(backend.run_identity())
-            self.workers[backend.name] = BackendWorker(backend, logger_cfg.delivery, spill_dir)
+            watched = observer if backend.name == "jsonl" else None
+            self.workers[backend.name] = BackendWorker(backend, logger_cfg.delivery, spill_dir, watched)
 
     # ---------------------------------------------------------------- the interface
 
@@ -124,10 +137,11 @@ class Tracker:
         return dict(self._identity)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until everything logged so far is delivered (True) or the timeout passes."""
+        """Wait until everything logged so far is delivered (True) or the timeout passes. The
+        jsonl record first: the doctor's findings about it then reach the other backends."""
         deadline = None if timeout is None else time.monotonic() + timeout
         ok = True
-        for worker in self.workers.values():
+        for worker in self.workers.values():  # jsonl is the first
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             ok = worker.flush(left) and ok
         return ok
@@ -137,6 +151,9 @@ class Tracker:
         if self._finished:
             return
         self._finished = True
+        if "jsonl" in self.workers and self.workers["jsonl"].observer is not None:
+            # The doctor sees every point first, so its last findings go out with the rest below.
+            self.workers["jsonl"].flush(float(self.workers["jsonl"].cfg.flush_timeout_s))
         stopped = [worker.request_stop() for worker in self.workers.values()]  # all in parallel
         for done in stopped:
             done.wait()
@@ -148,6 +165,18 @@ class Tracker:
 
     def __exit__(self, *exc: object) -> None:
         self.finish()
+
+    def _alert(self, alert: Alert) -> None:
+        """A doctor finding (on the doctor's thread): to every backend; a stop if the rule says so."""
+        for worker in self.workers.values():
+            worker.submit(Event("alert", alert))
+        if alert.stop and self.on_stop is not None:
+            self.on_stop(alert.text())
+
+    def _failing(self) -> dict[str, float]:
+        """Each backend now failing: seconds since the first failure of its current streak."""
+        now = time.monotonic()
+        return {name: now - since for name, w in self.workers.items() if (since := w.failing_since) is not None}
 
     def _submit(self, event: Event) -> None:
         if self._finished:

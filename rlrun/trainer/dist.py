@@ -87,7 +87,8 @@ def run_ranked_job(job: str, prog: str, description: str, argv: list[str] | None
     """The entrypoint of a job with ranks (`trainer`, `sft`): its config, its log per rank, the
     process group, `make(cfg, run_dir, stop, ranks).run()`, a clean stop on every rank together.
 
-    Exit code 0 when done or stopped (SIGTERM / SIGINT), 1 on an error (logged with its traceback).
+    Exit code 0 when done or stopped (SIGTERM / SIGINT), `EXIT_DOCTOR` when the run doctor
+    stopped it, 1 on an error (logged with its traceback).
     """
     from rlrun.job import StopFlag, StopRequested, load_job_config, parse_job_args
     from rlrun.log import setup_logger
@@ -109,6 +110,7 @@ def run_ranked_job(job: str, prog: str, description: str, argv: list[str] | None
     except StopRequested as stopped:
         log.info(f"{stopped}; {job} exiting cleanly")
         barrier(ranks)  # every rank agreed to stop at the same step
+        code = stop.exit_code()
     except Exception:
         log.exception(f"{job} failed")
         code = 1

@@ -83,7 +83,8 @@ class Trainer:
         self.xcfg = self.tcfg.log_extras  # the trainer logs distributions only (samples are the orchestrator's)
         resume_ids = {k: state[k] for k in ("wandb_run_id", "mlflow_run_id") if state.get(k)}
         self.tracker = Tracker(cfg.logger, job="trainer", output_dir=run_dir, run_name=cfg.name,
-                               resume_ids=resume_ids, max_table_rows=self.xcfg.max_rows)  # fmt: skip
+                               resume_ids=resume_ids, max_table_rows=self.xcfg.max_rows, doctor=cfg.doctor,
+                               on_stop=stop.request)  # fmt: skip
         from rlrun.trainer.perf import FlopsPerToken, peak_flops
 
         self.peak_flops = peak_flops(ranks.device, cfg.perf.peak_flops)  # None on CPU unless perf.peak_flops
@@ -165,7 +166,7 @@ class Trainer:
         stop, ranks = self.stop, self.ranks
         wait_for(lambda: bool(stop) or batch_ready(self.run_dir, step), f"rollouts/step_{step}")
         if any_rank(bool(stop), ranks):  # every rank stops at the same point
-            raise StopRequested(f"stopped by signal {stop.signal} while waiting for step {step}")
+            raise StopRequested(f"{stop.why()} (before step {step})")
         tensors, meta = read_batch(self.run_dir, step)
         if self.tcfg.mask_truncated_completions and "truncated" in tensors:  # TRL's: no loss on cut-off completions
             tensors["loss_mask"] = tensors["loss_mask"] * (1.0 - tensors["truncated"])[:, None]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rlrun.tracking.base import Backend, MetricPoint, TrackerContext
+from rlrun.tracking.base import Alert, Backend, MetricPoint, TrackerContext
 
 
 def format_value(value: float) -> str:
@@ -56,3 +56,7 @@ class ConsoleBackend(Backend):
             f"[{self.job}] step {step} | {name}: n={n} mean={format_value(mean)} "
             f"p50={format_value(ordered[n // 2])} min={format_value(ordered[0])} max={format_value(ordered[-1])}"
         )
+
+    def log_alert(self, alert: Alert) -> None:
+        """Nothing: the doctor itself writes each finding's warning line to the job's log, the
+        console backend's destination, whether or not this backend is on."""

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rlrun.tracking.base import Backend, MetricPoint, TrackerContext
+from rlrun.tracking.base import Alert, Backend, MetricPoint, TrackerContext
 
 
 def jsonl_path(cfg: Any, ctx: TrackerContext) -> Path:
@@ -48,6 +48,10 @@ class JsonlBackend(Backend):
 
     def log_distribution(self, name: str, values: list[float], step: int) -> None:
         self._write({"type": "distribution", "step": step, "name": name, "values": values})
+        self._file.flush()  # type: ignore[union-attr]
+
+    def log_alert(self, alert: Alert) -> None:
+        self._write({"type": "alert", **alert.record()})
         self._file.flush()  # type: ignore[union-attr]
 
     def finish(self) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import tempfile
 import time as _time
 from pathlib import Path
@@ -35,35 +34,18 @@ import pandas as pd  # an mlflow dependency; log_table takes its tables
 from mlflow.entities import Metric, Param
 from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 
-from rlrun.tracking.base import Backend, MetricPoint, TrackerContext
+from rlrun.tracking.base import Alert, Backend, MetricPoint, TrackerContext
+from rlrun.tracking.names import DISTRIBUTION_STATS, sanitize_key
 from rlrun.tracking.runs import ensure_run, mlflow_client, resolve_tracking_uri
 
 try:  # a private module; the fallbacks are MLflow's documented limits
-    from mlflow.utils.validation import (
-        MAX_ENTITY_KEY_LENGTH,
-        MAX_METRICS_PER_BATCH,
-        MAX_PARAM_VAL_LENGTH,
-        MAX_PARAMS_TAGS_PER_BATCH,
-    )
+    from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 except ImportError:
-    MAX_ENTITY_KEY_LENGTH, MAX_METRICS_PER_BATCH = 250, 1000
-    MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH = 6000, 100
+    MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH = 1000, 6000, 100
 
 log = logging.getLogger(__name__)
 
-DISTRIBUTION_STATS = ("p5", "p50", "p95", "mean", "std", "min", "max")
 HISTOGRAM_BINS = 30
-_BAD_KEY_CHARS = re.compile(r"[^\w\-. /:]")
-
-
-def sanitize_key(key: str) -> str:
-    """A metric/param name MLflow accepts: alphanumerics and `_ - . space / :`, no empty,
-    `.` or `..` path segments (MLflow treats names as paths), at most 250 characters."""
-    key = _BAD_KEY_CHARS.sub("_", str(key))
-    parts = [p for p in key.split("/") if p]
-    parts = ["_" * len(p) if p in (".", "..") else p for p in parts]
-    key = "/".join(parts)[:MAX_ENTITY_KEY_LENGTH].rstrip("/")
-    return key or "_"
 
 
 def _json_cell(value: Any) -> Any:
@@ -203,6 +185,12 @@ class MlflowBackend(Backend):
         self._uncertain_tables.add(artifact_file)
         self._client.log_table(self.run_id, data=table, artifact_file=artifact_file)
         self._uncertain_tables.discard(artifact_file)
+
+    # ------------------------------------------------------------ alerts
+
+    def log_alert(self, alert: Alert) -> None:
+        # A tag per job and rule (the newest finding wins): the runs table can filter on it.
+        self._client.set_tag(self.run_id, sanitize_key(f"rlrun.alert.{alert.job}.{alert.rule}"), alert.text())
 
     # ------------------------------------------------------------ distributions
 

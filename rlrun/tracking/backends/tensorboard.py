@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from rlrun.tracking.base import Backend, MetricPoint, TrackerContext
+from rlrun.tracking.base import Alert, Backend, MetricPoint, TrackerContext
 
 
 def _cell(value: Any) -> str:
@@ -64,6 +64,11 @@ class TensorboardBackend(Backend):
 
     def log_distribution(self, name: str, values: list[float], step: int) -> None:
         self._writer.add_histogram(name, np.asarray(values, dtype=np.float64), global_step=step)
+        self._writer.flush()
+
+    def log_alert(self, alert: Alert) -> None:
+        # One text series per rule: TensorBoard's Text tab lists them by step.
+        self._writer.add_text(f"alerts/{alert.job}/{alert.rule}", alert.text(), global_step=alert.step, walltime=alert.time)
         self._writer.flush()
 
     def finish(self) -> None:

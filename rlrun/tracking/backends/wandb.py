@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 import numpy as np
 import wandb
 
-from rlrun.tracking.base import Backend, MetricPoint, TrackerContext
+from rlrun.tracking.base import Alert, Backend, MetricPoint, TrackerContext
 from rlrun.tracking.runs import wandb_run_id
 
 log = logging.getLogger(__name__)
@@ -155,3 +155,9 @@ class WandbBackend(Backend):
         # A late distribution (step behind the run) goes to the current step rather than
         # being dropped by W&B.
         self._run.log({name: wandb.Histogram(np.asarray(values, dtype=np.float64))}, step=max(step, self._current_step()))
+
+    def log_alert(self, alert: Alert) -> None:
+        # W&B mails or posts it (Slack) where the user set that up. Title < 64 chars; wait_duration 1 s:
+        # the doctor already raises each finding once, W&B must not drop a second one of the same rule.
+        level = "ERROR" if alert.stop else "WARN"
+        self._run.alert(title=alert.title[:63], text=alert.text(), level=level, wait_duration=1)

@@ -2,11 +2,14 @@
 
 Rewards: `exact` (weight 1.0): the reply is the reverse; `length_match` (weight 0.5): the
 reply is as long as the answer. With `raise_on` set, `length_match` raises ValueError for a
-reply that contains it (a buggy reward function, for the error-handling tests).
+reply that contains it (a buggy reward function, for the error-handling tests). With
+`nan_after` = n > 0, `exact` returns NaN from its (n+1)-th call in a process on (a reward
+function that divides by zero, for the run doctor's tests).
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import verifiers.v1 as vf
@@ -16,8 +19,12 @@ class ReverseData(vf.TaskData):
     answer: str
 
 
+_EXACT_CALLS = itertools.count(1)
+
+
 class ReverseTask(vf.Task[ReverseData]):
     raise_on: str = ""  # set by the taskset from its config
+    nan_after: int = 0
 
     @vf.stop
     async def single_turn(self, trace: vf.Trace) -> bool:
@@ -25,6 +32,8 @@ class ReverseTask(vf.Task[ReverseData]):
 
     @vf.reward(weight=1.0)
     async def exact(self, trace: vf.Trace) -> float:
+        if self.nan_after and next(_EXACT_CALLS) > self.nan_after:
+            return float("nan")
         return float(trace.last_reply == self.data.answer)
 
     @vf.reward(weight=0.5)
@@ -43,6 +52,7 @@ class ReverseConfig(vf.TasksetConfig):
     alphabet: str = "abcdefgh"
     instruction: str = ""  # the tasks' system prompt ("": none)
     raise_on: str = ""  # length_match raises for replies containing this ("": never)
+    nan_after: int = 0  # exact is NaN after this many calls in a process (0: never)
 
 
 class ReverseTaskset(vf.Taskset[ReverseTask, ReverseConfig]):
@@ -58,6 +68,7 @@ class ReverseTaskset(vf.Taskset[ReverseTask, ReverseConfig]):
             data = ReverseData(id=f"rev-{i}", prompt=text + "=", answer=text[::-1], system_prompt=system)
             task = ReverseTask(data, cfg.task)
             task.raise_on = cfg.raise_on
+            task.nan_after = cfg.nan_after
             tasks.append(task)
         return tasks
 

@@ -1,0 +1,65 @@
+"""What metric names each tracker backend can take, checked before any job starts
+(`rlrun.metric_names.check_metric_names`), and MLflow's key mapping, which both the check and
+the MLflow backend use. Importing this imports no tracker library.
+
+MLflow keys are `<job>/<name>`, with characters outside MLflow's set (`@` in `eval/pass@4`)
+replaced by `_`; a distribution becomes `<name>/<stat>` keys. W&B reserves names that start
+with `_`. TensorBoard and the jsonl record take any name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+MLFLOW_MAX_KEY_LENGTH = 250  # MLflow's documented limit for metric and param keys
+DISTRIBUTION_STATS = ("p5", "p50", "p95", "mean", "std", "min", "max")  # MLflow has no histogram type
+_BAD_KEY_CHARS = re.compile(r"[^\w\-. /:]")
+
+
+def sanitize_key(key: str) -> str:
+    """A metric/param name MLflow accepts: alphanumerics and `_ - . space / :`, no empty,
+    `.` or `..` path segments (MLflow treats names as paths), at most 250 characters."""
+    key = _BAD_KEY_CHARS.sub("_", str(key))
+    parts = [p for p in key.split("/") if p]
+    parts = ["_" * len(p) if p in (".", "..") else p for p in parts]
+    key = "/".join(parts)[:MLFLOW_MAX_KEY_LENGTH].rstrip("/")
+    return key or "_"
+
+
+def _mlflow_problem(plan: dict[str, Any], cfg: Any) -> str | None:
+    keys: dict[str, tuple[str, str]] = {}  # MLflow key -> (job, metric name)
+    for job, metrics in plan.items():
+        names = [*metrics.scalars, *(f"{d}/{s}" for d in metrics.distributions for s in DISTRIBUTION_STATS)]
+        for name in names:
+            full = f"{job}/{name}"
+            if len(full) > MLFLOW_MAX_KEY_LENGTH:
+                return f"metric {name!r} of the {job} job: MLflow key {full!r} is longer than {MLFLOW_MAX_KEY_LENGTH} characters"
+            key = sanitize_key(full)
+            if key in keys and keys[key] != (job, name):
+                return (f"metrics {keys[key][1]!r} and {name!r} of the {job} job: both become MLflow key {key!r} "
+                        "(MLflow allows only letters, digits and _ - . space / :)")  # fmt: skip
+            keys[key] = (job, name)
+    for key, (job, name) in keys.items():  # MLflow's file store keeps each metric in a file at its key's path
+        parts = key.split("/")
+        for i in range(1, len(parts)):
+            if (prefix := "/".join(parts[:i])) in keys:
+                return (f"metric {keys[prefix][1]!r} of the {job} job is also the start of metric {name!r}: MLflow's "
+                        f"file store cannot keep both (key {prefix!r} would be a file and a folder)")  # fmt: skip
+    return None
+
+
+def _wandb_problem(plan: dict[str, Any], cfg: Any) -> str | None:
+    for job, metrics in plan.items():
+        for name in [*metrics.scalars, *metrics.distributions]:
+            if name.startswith("_"):
+                return f"metric {name!r} of the {job} job: W&B reserves names that start with '_' (_step, _runtime)"
+    return None
+
+
+# backend name -> what is wrong with the planned names for it (None: nothing)
+NAME_RULES: dict[str, Callable[[dict[str, Any], Any], str | None]] = {
+    "mlflow": _mlflow_problem,
+    "wandb": _wandb_problem,
+}
