@@ -26,10 +26,10 @@ from rlrun.launcher.config import MonitorConfig
 from rlrun.orchestrator.config import OrchestratorConfig
 from rlrun.schema import ConfigError, check_fields, checked
 from rlrun.sft.config import SftConfig
+from rlrun.tracking.backends import logger_schema, plugins, selectable
 from rlrun.tracking.config import (
     DeliveryConfig,
     LogExtrasConfig,
-    LoggerConfig,
     MlflowLoggerConfig,
     TensorboardLoggerConfig,
     WandbLoggerConfig,
@@ -45,6 +45,7 @@ __all__ = [
 
 CONF_DIR = Path(__file__).parent / "conf"
 JOBS_WITH_LOG_EXTRAS = ("orchestrator", "trainer")
+LoggerConfig = logger_schema()  # one field per registered tracker backend (rlrun.tracking.backends)
 
 
 @dataclass
@@ -105,6 +106,9 @@ def register() -> None:
     store.store(name="base_config", node=RunConfig)
     for backend, schema in INFERENCE_SCHEMAS.items():  # conf/inference/<backend>.yaml names its schema
         store.store(group="schema/inference", name=backend, node=schema)
+    for name in plugins():  # `logger=<name>` (or `logger=[a,b]`) turns the backend on
+        if selectable(name) and not (CONF_DIR / "logger" / f"{name}.yaml").is_file():
+            store.store(group="logger", name=name, node={name: {"enabled": True}})
 
 
 # ---------------------------------------------------------------- checks and loading

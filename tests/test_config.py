@@ -37,7 +37,7 @@ def test_two_trackers_by_option_or_by_list(hydra_compose):
 
 
 def test_logger_all_and_default(hydra_compose):
-    assert enabled_backends(hydra_compose("logger=all").logger) == ["jsonl", "console", "tensorboard", "mlflow", "wandb"]
+    assert enabled_backends(hydra_compose("logger=all").logger) == ["jsonl", "console", "mlflow", "tensorboard", "wandb"]
     default = hydra_compose()
     assert enabled_backends(default.logger) == ["jsonl", "console"], "default: console (jsonl is always on)"
     # The default is typed all the way down: the schema's defaults fill every node.

@@ -1,4 +1,9 @@
-"""Schemas of the `logger` group (which trackers, and how they are fed) and of `log_extras`."""
+"""Schemas of the `logger` group (which trackers, and how they are fed) and of `log_extras`.
+
+Each backend's node (`logger.<name>`) comes from its `TrackerPlugin`, registered under the
+`rlrun.trackers` entry-point group (rlrun's own below, third-party ones from their packages);
+`rlrun.tracking.backends.logger_schema` builds the `logger` node from them all.
+"""
 
 from __future__ import annotations
 
@@ -64,14 +69,24 @@ class DeliveryConfig:
     flush_timeout_s: float = 120.0  # how long finish() waits for a failing backend
 
 
-@dataclass
-class LoggerConfig:
-    console: ConsoleLoggerConfig = field(default_factory=ConsoleLoggerConfig)
-    jsonl: JsonlLoggerConfig = field(default_factory=JsonlLoggerConfig)
-    tensorboard: TensorboardLoggerConfig = field(default_factory=TensorboardLoggerConfig)
-    mlflow: MlflowLoggerConfig = field(default_factory=MlflowLoggerConfig)
-    wandb: WandbLoggerConfig = field(default_factory=WandbLoggerConfig)
-    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+@dataclass(frozen=True)
+class TrackerPlugin:
+    """What a tracker backend registers under the `rlrun.trackers` entry-point group (name ->
+    this object): the schema of its `logger.<name>` node (a dataclass; with an `enabled: bool`
+    field, `logger=<name>` selects it) and where its `Backend` class is, imported only when the
+    backend is chosen. The object must live in a module that imports no tracker library."""
+
+    config: type
+    backend: str  # "package.module:BackendClass"
+
+
+# rlrun's own, registered in pyproject.toml like any third-party plugin.
+JSONL = TrackerPlugin(JsonlLoggerConfig, "rlrun.tracking.backends.jsonl:JsonlBackend")  # always on: the local record
+CONSOLE = TrackerPlugin(ConsoleLoggerConfig, "rlrun.tracking.backends.console:ConsoleBackend")
+TENSORBOARD = TrackerPlugin(TensorboardLoggerConfig, "rlrun.tracking.backends.tensorboard:TensorboardBackend")
+MLFLOW = TrackerPlugin(MlflowLoggerConfig, "rlrun.tracking.backends.mlflow:MlflowBackend")
+WANDB = TrackerPlugin(WandbLoggerConfig, "rlrun.tracking.backends.wandb:WandbBackend")
+BUILTIN = {"jsonl": JSONL, "console": CONSOLE, "tensorboard": TENSORBOARD, "mlflow": MLFLOW, "wandb": WANDB}
 
 
 @dataclass
