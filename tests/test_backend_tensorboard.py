@@ -69,6 +69,16 @@ def test_tensorboard_roundtrip(tmp_path):
     assert "x<br>y" in samples[3], "a newline does not break the table row"
     assert "| later | 0.5 |" in samples[7]
 
+    # The HParams plugin's session: its params and the job's metrics (HPARAMS_METRICS["trainer"]).
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = acc.PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert [m.name.tag for m in experiment.metric_infos] == ["loss", "entropy", "grad_norm", "mismatch/kl"]
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    params = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+    assert params == {"trainer.lr": pytest.approx(0.003), "name": "exp|1", "logger.wandb.api_key": "<redacted>"}
+
 
 def test_two_jobs_write_separate_runs(tmp_path):
     cfg = TensorboardLoggerConfig(enabled=True, log_dir=str(tmp_path / "tb"), flush_secs=1)

@@ -112,6 +112,22 @@ def test_offline_roundtrip(tmp_path):
     assert [row[1] for row in at_step[9]["data"]] == ["p5-0", "p5-1", "p8-0", "p8-1", "late"]
     assert at_step[9]["data"][-1][0] == 7, "a row keeps its own step"
 
+    (loss,) = [r["metric"] for r in records if r["type"] == "metric" and r["metric"].get("name") == "loss"]
+    assert loss["summary"] == {"min": True}, "the run table shows the lowest loss"
+
+
+def test_monitor_metrics_are_plotted_over_elapsed_seconds(tmp_path):
+    ctx = TrackerContext(job="monitor", output_dir=tmp_path / "run", **FAST)
+    backend = backend_class("wandb")(_cfg(tmp_path, id="mon"), ctx)
+    backend.open()
+    backend.log_metrics([MetricPoint(1, {"system/elapsed_s": 2.0, "system/cpu_percent": 50.0, "gpu/0/power_w": 9.0},
+                                     time.time())])  # fmt: skip
+    backend.finish()
+    records = _records(_run_dir(tmp_path, "mon-monitor"), "mon-monitor")
+    metrics = [r["metric"] for r in records if r["type"] == "metric"]
+    assert {m["glob_name"]: m["step_metric"] for m in metrics if "glob_name" in m} == {
+        "system/*": "system/elapsed_s", "gpu/*": "system/elapsed_s"}
+
 
 def test_two_jobs_in_one_process_from_writer_threads(tmp_path):
     """Trainer and orchestrator: two runs open at once, each opened and fed on its own thread."""

@@ -1,7 +1,10 @@
 """TensorBoard backend: scalars, histograms and markdown text through torch's SummaryWriter.
 
 Each job writes its own event files under `<log_dir>/<job>`, so TensorBoard shows the
-trainer and the orchestrator as two runs of one experiment.
+trainer and the orchestrator as two runs of one experiment. Hyperparameters go both to a
+markdown table and to the HParams plugin: each job's directory is one HParams session
+(its params, and the metrics of `HPARAMS_METRICS`, whose latest values the HParams view
+shows), so `tensorboard --logdir outputs/multirun/<sweep>` compares a sweep's runs there.
 """
 
 from __future__ import annotations
@@ -25,12 +28,26 @@ def markdown_table(columns: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+# The metrics each job's HParams session shows (their latest logged values) beside its params.
+HPARAMS_METRICS = {
+    "orchestrator": ("reward", "eval/reward", "eval/rewards/exact/mean", "completions/clipped_ratio"),
+    "trainer": ("loss", "entropy", "grad_norm", "mismatch/kl"),
+    "sft": ("loss", "eval/reward"),
+}
+
+
+def _hparam_value(value: Any) -> bool | int | float | str:
+    """HParams takes bool / number / str; None and lists become their text."""
+    return value if isinstance(value, (bool, int, float, str)) else str(value)
+
+
 class TensorboardBackend(Backend):
     name = "tensorboard"
 
     def __init__(self, cfg: Any, ctx: TrackerContext) -> None:
         base = Path(getattr(cfg, "log_dir", None) or Path(ctx.output_dir) / "tensorboard")
         self.log_dir = base / ctx.job if ctx.job else base
+        self.hparams_metrics = HPARAMS_METRICS.get(ctx.job, ())
         self.flush_secs = float(getattr(cfg, "flush_secs", 5.0))
         self._writer: Any = None
 
@@ -50,8 +67,15 @@ class TensorboardBackend(Backend):
         self._writer.flush()
 
     def log_hyperparams(self, params: dict[str, Any]) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
         rows = [[key, value] for key, value in sorted(params.items())]
         self._writer.add_text("hyperparams", markdown_table(["key", "value"], rows), global_step=0)
+        # The session in this job's own directory (SummaryWriter.add_hparams would open another).
+        experiment, start, end = hparams({k: _hparam_value(v) for k, v in params.items()},
+                                         dict.fromkeys(self.hparams_metrics, 0.0))  # fmt: skip
+        for summary in (experiment, start, end):
+            self._writer.file_writer.add_summary(summary)
         self._writer.flush()
 
     def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:

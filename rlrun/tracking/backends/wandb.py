@@ -8,6 +8,11 @@ resumed job needs before anything connects.
 Uses only the run object (`run.log`, `run.config`), never the global `wandb.log`, and
 `reinit="create_new"`, so several runs can be open in one process. wandb.init works
 from the writer thread (it needs no main thread, and console capture is off).
+
+`define_metric` gives each run its axes and summaries: training metrics over the job's own
+step (every `run.log` carries it), the monitor's `system/*` and `gpu/*` over
+`system/elapsed_s` (wall seconds; `system/train_step` is there to switch to), and the run
+table's summary of `SUMMARIES` is their best value rather than the last.
 """
 
 from __future__ import annotations
@@ -29,6 +34,13 @@ from rlrun.tracking.runs import wandb_run_id
 log = logging.getLogger(__name__)
 
 SAMPLES_KEY = "samples"
+# (metric, summary) per job: what users compare runs by.
+SUMMARIES = {
+    "orchestrator": (("reward", "max"), ("eval/reward", "max"), ("eval/rewards/exact/mean", "max")),
+    "trainer": (("loss", "min"),),
+    "sft": (("loss", "min"), ("eval/reward", "max")),
+}
+ELAPSED = "system/elapsed_s"
 _OFFLINE_MODES = {"offline", "dryrun", "disabled"}
 _CREDENTIAL_VARS = ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE")
 
@@ -108,6 +120,15 @@ class WandbBackend(Backend):
             config=None,
             settings=wandb.Settings(**settings),
         )
+        self._define_metrics()
+
+    def _define_metrics(self) -> None:
+        if self.ctx.job == "monitor":
+            self._run.define_metric(ELAPSED)
+            for pattern in ("system/*", "gpu/*"):
+                self._run.define_metric(pattern, step_metric=ELAPSED)
+        for name, summary in SUMMARIES.get(self.ctx.job, ()):
+            self._run.define_metric(name, summary=summary)
 
     def run_identity(self) -> dict[str, str]:
         return {"wandb_run_id": self.run_id}
