@@ -456,7 +456,7 @@ def test_trainer_resumes_after_its_newest_checkpoint_and_stops_on_sigterm(traine
             proc.kill()
     text = log.read_text()
     assert "resumed from checkpoints/step_3" in text and "step 3/" not in text
-    assert "while waiting for step 5; trainer exiting cleanly" in text
+    assert "stopped by signal 15 (before step 5); trainer exiting cleanly" in text
     assert [r["step"] for r in metrics(run, "trainer")] == [1, 2, 3, 4]  # each step once
     assert list_steps(run / "weights") == [2, 3, 4]  # step 3 re-published from the checkpoint; keep_last=3
     assert list_steps(run / "checkpoints") == [3, 4]
