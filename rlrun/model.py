@@ -263,6 +263,20 @@ def save_weights(model: torch.nn.Module, out_dir: str | Path, metadata: dict[str
     return out_dir
 
 
+def export_pretrained(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, extra: Any = None) -> Path:
+    """A complete model directory (`save_pretrained` weights, config, tokenizer): what
+    transformers, vLLM and the trackers' model stores load. Written to a staging folder and
+    renamed; `extra(tmp)` may add files before that."""
+    out_dir = Path(out_dir)
+    tmp = staging_dir(out_dir)
+    getattr(model, "module", model).save_pretrained(tmp)  # DDP-wrapped or not
+    tokenizer.save_pretrained(tmp)
+    if extra is not None:
+        extra(tmp)
+    publish_dir(tmp, out_dir)
+    return out_dir
+
+
 def load_weights(model: torch.nn.Module, path: str | Path) -> dict[str, Any]:
     """Load weights written by `save_weights` into `model` in place (strict).
 

@@ -351,3 +351,61 @@ def test_server_killed_and_restarted(server, tmp_path):
     backend.log_metrics(second)  # the delivery layer's retry
     backend.log_metrics(first[3:])  # and a resend of points already stored
     assert _history(MlflowClient(server.uri), backend.run_id, "trainer/x") == [(s, float(s)) for s in range(10)]
+
+
+def test_the_model_as_a_logged_model_and_a_registered_version(tmp_path, tiny_model):
+    """log_model=final: the exported directory becomes a transformers-flavour logged model of the
+    run, and a version of the registered model; loaded back, its weights are the ones exported."""
+    import mlflow.transformers
+    import torch
+
+    from rlrun.model import load_model
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    backend = _backend(uri, tmp_path, log_model="final", registered_model_name="rlrun-policy")
+    assert backend.wants_model(final=True) and not backend.wants_model(final=False)
+    backend.log_model(tiny_model, step=7, final=True)
+    backend.log_model(tiny_model, step=7, final=True)  # a retry: no second model
+    backend.finish()
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("rlrun-test").experiment_id
+    (model,) = client.search_logged_models(experiment_ids=[experiment])
+    assert (model.name, model.source_run_id, model.tags["rlrun.step"]) == ("trainer-model", backend.run_id, "7")
+    (version,) = client.search_model_versions("name = 'rlrun-policy'")
+    assert version.run_id == backend.run_id
+    mlflow.set_tracking_uri(uri)
+    loaded = mlflow.transformers.load_model(f"models:/{model.model_id}", return_type="components")
+    original, _ = load_model(tiny_model)
+    for (name, a), b in zip(original.state_dict().items(), loaded["model"].state_dict().values()):
+        assert torch.equal(a, b), name
+    assert loaded["tokenizer"]("abc=")["input_ids"] == load_model(tiny_model)[1]("abc=")["input_ids"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_run_logs_its_final_model(tmp_path):
+    """The app with logger.mlflow.log_model=final: the trainer exports its last step and the
+    MLflow run gets it as a logged model whose weights are that step's published weights."""
+    import mlflow.transformers
+    import torch
+    import yaml
+    from conftest import run_app
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "run"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = run_app(run_dir, "sft.max_steps=0", "max_steps=3", "logger=[jsonl,mlflow]", f"logger.mlflow.tracking_uri={uri}",
+                  "logger.mlflow.log_model=final", timeout=240)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert sorted(p.name for p in (run_dir / "exports").iterdir()) == ["step_3"], "only the final step exported"
+    run_id = yaml.safe_load((run_dir / "config.yaml").read_text())["logger"]["mlflow"]["run_id"]
+    client = MlflowClient(uri)
+    (model,) = client.search_logged_models(experiment_ids=[client.get_run(run_id).info.experiment_id])
+    assert (model.source_run_id, model.tags["rlrun.step"], model.tags["rlrun.final"]) == (run_id, "3", "true")
+    mlflow.set_tracking_uri(uri)
+    loaded = mlflow.transformers.load_model(f"models:/{model.model_id}", return_type="components")["model"]
+    published = load_file(str(run_dir / "weights" / "step_3" / "model.safetensors"))
+    state = loaded.state_dict()
+    for name, tensor in published.items():
+        assert torch.equal(state[name], tensor), name

@@ -210,3 +210,29 @@ def test_preflight_passes_when_it_can_work(no_credentials, monkeypatch):
     netrc.write_text(f"machine api.wandb.ai\n  login user\n  password {'k' * 40}\n")
     netrc.chmod(0o600)
     WandbBackend.preflight(online, ctx)
+
+
+def test_the_model_as_an_artifact(tmp_path, tiny_model):
+    """log_model=checkpoints: every checkpoint's model directory an artifact of type `model`."""
+    import base64
+    import hashlib
+
+    ctx = TrackerContext(job="trainer", output_dir=tmp_path / "run", **FAST)
+    backend = backend_class("wandb")(_cfg(tmp_path, id="art", log_model="checkpoints"), ctx)
+    assert backend.wants_model(final=False) and backend.wants_model(final=True)
+    backend.open()
+    backend.log_model(tiny_model, step=5, final=False)
+    backend.log_model(tiny_model, step=9, final=True)
+    backend.log_model(tmp_path / "pruned", step=10, final=True)  # gone before upload: skipped
+    backend.finish()
+
+    records = _records(_run_dir(tmp_path, "art-trainer"), "art-trainer")
+    artifacts = [r["artifact"] for r in records if r["type"] == "artifact"]
+    assert [(a["type"], a["name"], sorted(a["aliases"])) for a in artifacts] == [
+        ("model", "art-trainer-model", ["latest", "step-5"]), ("model", "art-trainer-model", ["final", "latest", "step-9"])]
+    weights = (tiny_model / "model.safetensors").read_bytes()
+    digest = base64.b64encode(hashlib.md5(weights).digest()).decode()
+    for artifact in artifacts:
+        files = {c["path"]: c["digest"] for c in artifact["manifest"]["contents"]}
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(files)
+        assert files["model.safetensors"] == digest, "the exported weights, byte for byte"

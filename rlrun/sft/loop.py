@@ -151,13 +151,9 @@ class SftTrainer:
             model.train()  # the engine samples in eval mode
 
     def _publish(self) -> None:
-        """`<run>/sft/model`: weights and tokenizer, written to a staging folder and renamed."""
-        from rlrun.rundir import publish_dir, staging_dir
+        """`<run>/sft/model`: weights, tokenizer and AdamW's moments (RL may go on with them)."""
+        from rlrun.model import export_pretrained
 
-        out = sft_model_dir(self.run_dir)
-        tmp = staging_dir(out)
-        getattr(self.model, "module", self.model).save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
-        torch.save(self.optimizer.state_dict(), tmp / SFT_OPTIMIZER_FILE)  # RL may go on with its moments
-        publish_dir(tmp, out)
+        export_pretrained(self.model, self.tokenizer, sft_model_dir(self.run_dir),
+                          extra=lambda tmp: torch.save(self.optimizer.state_dict(), tmp / SFT_OPTIMIZER_FILE))  # fmt: skip
 

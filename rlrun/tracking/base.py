@@ -103,6 +103,14 @@ class Backend(ABC):
     def log_alert(self, alert: Alert) -> None:
         """A run-doctor finding, in the tracker's own alert / tag / text form."""
 
+    def wants_model(self, final: bool) -> bool:
+        """Does this backend store the trained model now (`final`: the run's last step)?"""
+        return False
+
+    def log_model(self, path: Path, step: int, final: bool) -> None:
+        """The policy at `step` as a complete model directory (weights, config, tokenizer), for
+        trackers with a model store; called only when `wants_model` said so."""
+
     def run_identity(self) -> dict[str, str]:
         """Ids a resumed job needs to continue the same tracker run (e.g. {'wandb_run_id': ...})."""
         return {}

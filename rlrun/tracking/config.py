@@ -42,6 +42,11 @@ class MlflowLoggerConfig:
     run_name: Optional[str] = "${name}"
     run_id: Optional[str] = None
     tags: dict[str, str] = field(default_factory=dict)
+    # The trained model as an MLflow logged model (transformers flavour): off, final (the last
+    # step's), checkpoints (every trainer checkpoint); with registered_model_name, the final
+    # one also becomes a version of that registered model.
+    log_model: str = checked("off", one_of=("off", "final", "checkpoints"))
+    registered_model_name: Optional[str] = None
 
 
 @dataclass
@@ -56,6 +61,9 @@ class WandbLoggerConfig:
     offline: bool = False
     dir: Optional[str] = None  # default: <output_dir>
     api_key: Optional[str] = None  # prefer WANDB_API_KEY; never written anywhere
+    # The trained model as a W&B artifact of type `model`: off, final, checkpoints (every
+    # trainer checkpoint, aliased step-<n>; the last one also `final` / `latest`).
+    log_model: str = checked("off", one_of=("off", "final", "checkpoints"))
 
 
 @dataclass

@@ -33,7 +33,7 @@ WAKE_INTERVAL_S = 0.05
 
 @dataclass(frozen=True)
 class Event:
-    kind: str  # metrics | hyperparams | samples | distribution | alert
+    kind: str  # metrics | hyperparams | samples | distribution | alert | model
     payload: Any
 
 
@@ -271,6 +271,8 @@ class BackendWorker:
             self.backend.log_distribution(name, values, step)
         elif first.kind == "alert":
             self.backend.log_alert(first.payload)
+        elif first.kind == "model":
+            self.backend.log_model(*first.payload)
         else:
             raise ValueError(f"unknown tracker event {first.kind!r}")
 

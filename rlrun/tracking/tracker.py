@@ -132,6 +132,20 @@ class Tracker:
         if floats:
             self._submit(Event("distribution", (name, floats, step)))
 
+    def wants_model(self, final: bool) -> bool:
+        """Does any backend store the model at this step (`logger.<backend>.log_model`)?"""
+        return any(w.backend.wants_model(final) for w in self.workers.values())
+
+    def log_model(self, path: str | Path, step: int, final: bool) -> None:
+        """Hand a complete model directory to each backend that stores models now. The
+        directory must stay until `finish()` (the writer threads upload it later)."""
+        if self.rank != 0:
+            return
+        event = Event("model", (Path(path), step, final))
+        for worker in self.workers.values():
+            if worker.backend.wants_model(final):
+                worker.submit(event)
+
     def run_identity(self) -> dict[str, str]:
         """Each backend's run id, so a resumed job continues the same tracker runs."""
         return dict(self._identity)

@@ -9,7 +9,9 @@ Per step `n` (from 1, or from the newest checkpoint + 1), in `Trainer.step`:
    the loss (`loss.py`, `trainer.loss_type`) and its gradient (DDP averages it across ranks);
 3. clip the gradient norm and take an AdamW step;
 4. rank 0 writes `weights/step_<n>/` for inference and, every `trainer.checkpoint_interval`
-   steps and at the last, `checkpoints/step_<n>/` (`checkpoint.py`);
+   steps and at the last, `checkpoints/step_<n>/` (`checkpoint.py`); where a tracker stores
+   models (`logger.<backend>.log_model`), a complete model directory `exports/step_<n>/` too,
+   handed to the tracker;
 5. every rank logs the step's metrics (one collective reduces them across ranks); every
    `trainer.log_extras.interval` steps, with `log_extras.distributions`, the per-token
    entropy, importance ratio and loss of every masked token of the whole batch (gathered
@@ -46,6 +48,9 @@ REDUCTIONS = {
     "perf/tokens_per_s": "sum",
     "perf/peak_memory_gb": "max",
 }
+
+
+EXPORTS_KEPT = 3  # model directories handed to trackers (uploaded in the background)
 
 
 class Trainer:
@@ -89,6 +94,7 @@ class Trainer:
 
         self.peak_flops = peak_flops(ranks.device, cfg.perf.peak_flops)  # None on CPU unless perf.peak_flops
         self.flops_per_token = FlopsPerToken(self.model) if self.peak_flops else None
+        self.tokenizer = None  # loaded for the first model export
 
     def run(self) -> None:
         """Train steps `start..max_steps`; raises StopRequested on a stop signal."""
@@ -133,10 +139,14 @@ class Trainer:
         with tracker.timer("save_weights"):
             if ranks.rank == 0:
                 publish_weights(self.model, self.run_dir, step, tcfg.keep_last)
-        if tcfg.checkpoint_interval > 0 and (step % tcfg.checkpoint_interval == 0 or step == self.cfg.max_steps):
+        final = step == self.cfg.max_steps
+        checkpointing = tcfg.checkpoint_interval > 0 and (step % tcfg.checkpoint_interval == 0 or final)
+        if checkpointing:
             with tracker.timer("checkpoint"):
                 if ranks.rank == 0:
                     save_checkpoint(self.run_dir, step, self.model, self.optimizer, tracker.run_identity())
+        if (checkpointing or final) and tracker.wants_model(final):  # only rank 0's tracker has backends
+            tracker.log_model(self._export(step), step, final)
 
         step_s = time.perf_counter() - step_start
         metrics = {
@@ -177,6 +187,18 @@ class Trainer:
         meta["temperature"] = temperature if temperature > 0 else 1.0  # greedy sampling records T=1 logprobs
         meta.setdefault("policy_version", step - 1)
         return {k: v[ranks.rank :: ranks.world].to(ranks.device) for k, v in tensors.items()}, meta
+
+    def _export(self, step: int) -> Path:
+        """`exports/step_<step>/`: the policy with its config and tokenizer, for a tracker's model
+        store; the newest EXPORTS_KEPT stay (a backend finds a pruned one gone and says so)."""
+        from rlrun.model import export_pretrained, load_tokenizer
+        from rlrun.rundir import prune, step_dir
+
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.model_path, self.cfg.model.trust_remote_code)
+        out = export_pretrained(self.model, self.tokenizer, step_dir(self.run_dir / "exports", step))
+        prune(self.run_dir / "exports", EXPORTS_KEPT)
+        return out
 
     def _optimizer_from_sft(self) -> None:
         """Go on with the SFT stage's AdamW moments (a fresh state's first steps undo SFT), at RL's lr."""

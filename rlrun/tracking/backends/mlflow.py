@@ -186,6 +186,47 @@ class MlflowBackend(Backend):
         self._client.log_table(self.run_id, data=table, artifact_file=artifact_file)
         self._uncertain_tables.discard(artifact_file)
 
+    # ------------------------------------------------------------ the model
+
+    def wants_model(self, final: bool) -> bool:
+        mode = getattr(self.cfg, "log_model", "off")
+        return mode == "checkpoints" or (mode == "final" and final)
+
+    def log_model(self, path: Path, step: int, final: bool) -> None:
+        """A logged model (transformers flavour) linked to the run at `step`; the final one also a
+        version of `registered_model_name`, if set.
+
+        The model is loaded from the directory on this (writer) thread: MLflow 3.17's flavour
+        cannot log a checkpoint directory under transformers 5 (its task lookup fails), only
+        loaded components. Its pip requirements are given, not inferred (inference wants
+        torchvision, which a CPU install does not have).
+        """
+        import mlflow
+        import mlflow.transformers
+
+        from rlrun.model import load_model
+
+        if not path.is_dir():
+            log.warning("mlflow: model export %s was pruned before it could be logged; skipping it", path)
+            return
+        name = f"{self.job}-model" if self.job else "model"
+        # A retry after a failure midway must not log a second model for the same step.
+        experiment = self._client.get_run(self.run_id).info.experiment_id
+        logged = self._client.search_logged_models(experiment_ids=[experiment], filter_string=f"name = '{name}'")
+        if any(m.source_run_id == self.run_id and m.tags.get("rlrun.step") == str(step) for m in logged):
+            return
+        # log_model has no client form: it reads the process's tracking URI and active
+        # experiment (one MLflow backend per job process, so setting them changes nothing else).
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_experiment(experiment_id=experiment)
+        registered = getattr(self.cfg, "registered_model_name", None) if final else None
+        model, tokenizer = load_model(path)
+        mlflow.transformers.log_model(
+            {"model": model, "tokenizer": tokenizer}, name=name, task="text-generation", run_id=self.run_id,
+            step=step, tags={"rlrun.step": str(step), "rlrun.final": str(final).lower()},
+            registered_model_name=registered, await_registration_for=0, pip_requirements=["torch", "transformers"],
+        )  # fmt: skip
+
     # ------------------------------------------------------------ alerts
 
     def log_alert(self, alert: Alert) -> None:

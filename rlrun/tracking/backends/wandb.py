@@ -182,3 +182,16 @@ class WandbBackend(Backend):
         # the doctor already raises each finding once, W&B must not drop a second one of the same rule.
         level = "ERROR" if alert.stop else "WARN"
         self._run.alert(title=alert.title[:63], text=alert.text(), level=level, wait_duration=1)
+
+    def wants_model(self, final: bool) -> bool:
+        mode = getattr(self.cfg, "log_model", "off")
+        return mode == "checkpoints" or (mode == "final" and final)
+
+    def log_model(self, path: Path, step: int, final: bool) -> None:
+        """An artifact of type `model` (the whole directory), aliased `step-<n>` (and `final`)."""
+        if not path.is_dir():
+            log.warning("wandb: model export %s was pruned before it could be logged; skipping it", path)
+            return
+        artifact = wandb.Artifact(f"{self.run_id}-model", type="model", metadata={"step": step, "final": final})
+        artifact.add_dir(str(path))
+        self._run.log_artifact(artifact, aliases=[f"step-{step}", *(["final"] if final else [])])
