@@ -82,7 +82,7 @@ def caller_cost(calls: int = 5000, names: int = 60) -> dict:
 
     from rlrun.doctor.config import DoctorConfig
     from rlrun.tracking import Tracker
-    from rlrun.tracking.config import LoggerConfig
+    from rlrun.config import LoggerConfig
 
     out = {}
     for option, doctor in (("off", None), ("default", OmegaConf.structured(DoctorConfig))):
