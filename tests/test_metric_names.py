@@ -46,6 +46,8 @@ def test_every_default_name_passes_every_backend(hydra_compose):
         (["a@1", "a_1"], "mlflow", ["'a@1/errors/score' and 'a_1/errors/score'", "MLflow key 'orchestrator/a_1/errors/score'"]),
         (["_x", "b"], "wandb", ["metric '_x/errors/score'", "W&B reserves", "logger.wandb"]),
         (["k" * 240, "b"], "mlflow", ["longer than 250 characters"]),
+        (["reward", "b"], "dvclive", ["metric 'reward' of the orchestrator job is also the start", "DVCLive's metrics.json"]),
+        ([".x", "b"], "swanlab", ["metric '.x/", "SwanLab trims leading and trailing"]),
     ],
 )
 def test_a_bad_name_names_the_metric_and_the_backend(hydra_compose, keys, logger, named):

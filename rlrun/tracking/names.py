@@ -3,8 +3,11 @@
 the MLflow backend use. Importing this imports no tracker library.
 
 MLflow keys are `<job>/<name>`, with characters outside MLflow's set (`@` in `eval/pass@4`)
-replaced by `_`; a distribution becomes `<name>/<stat>` keys. W&B reserves names that start
-with `_`. TensorBoard and the jsonl record take any name.
+replaced by `_`; a distribution becomes `<name>/<stat>` keys. DVCLive keeps each job's names
+as paths (a last part `step` becomes `step_`). Both keep a metric in a file at its key's
+path, so a key that is also the start of another (`a` and `a/b`) cannot be kept. W&B
+reserves names that start with `_`. TensorBoard and the jsonl record take any name; a
+plugin backend's names are not checked.
 """
 
 from __future__ import annotations
@@ -28,11 +31,32 @@ def sanitize_key(key: str) -> str:
     return key or "_"
 
 
+def dvclive_key(name: str) -> str:
+    """DVCLive names a metric's value column by its last part, beside its `step` column: a
+    last part `step` would overwrite the step, so `time/step` is kept as `time/step_`."""
+    return name + "_" if name.rsplit("/", 1)[-1] == "step" else name
+
+
+def _all_names(metrics: Any) -> list[str]:
+    """A job's scalar names and its distributions as the statistics a store without histograms keeps."""
+    return [*metrics.scalars, *(f"{d}/{s}" for d in metrics.distributions for s in DISTRIBUTION_STATS)]
+
+
+def _path_problem(keys: dict[str, tuple[str, str]], store: str) -> str | None:
+    """A key that is also the start of another: the store keeps each metric in a file at its key's path."""
+    for key, (job, name) in keys.items():
+        parts = key.split("/")
+        for i in range(1, len(parts)):
+            if (prefix := "/".join(parts[:i])) in keys:
+                return (f"metric {keys[prefix][1]!r} of the {job} job is also the start of metric {name!r}: {store} "
+                        f"cannot keep both (key {prefix!r} would be a file and a folder)")  # fmt: skip
+    return None
+
+
 def _mlflow_problem(plan: dict[str, Any], cfg: Any) -> str | None:
     keys: dict[str, tuple[str, str]] = {}  # MLflow key -> (job, metric name)
     for job, metrics in plan.items():
-        names = [*metrics.scalars, *(f"{d}/{s}" for d in metrics.distributions for s in DISTRIBUTION_STATS)]
-        for name in names:
+        for name in _all_names(metrics):
             full = f"{job}/{name}"
             if len(full) > MLFLOW_MAX_KEY_LENGTH:
                 return f"metric {name!r} of the {job} job: MLflow key {full!r} is longer than {MLFLOW_MAX_KEY_LENGTH} characters"
@@ -41,12 +65,21 @@ def _mlflow_problem(plan: dict[str, Any], cfg: Any) -> str | None:
                 return (f"metrics {keys[key][1]!r} and {name!r} of the {job} job: both become MLflow key {key!r} "
                         "(MLflow allows only letters, digits and _ - . space / :)")  # fmt: skip
             keys[key] = (job, name)
-    for key, (job, name) in keys.items():  # MLflow's file store keeps each metric in a file at its key's path
-        parts = key.split("/")
-        for i in range(1, len(parts)):
-            if (prefix := "/".join(parts[:i])) in keys:
-                return (f"metric {keys[prefix][1]!r} of the {job} job is also the start of metric {name!r}: MLflow's "
-                        f"file store cannot keep both (key {prefix!r} would be a file and a folder)")  # fmt: skip
+    return _path_problem(keys, "MLflow's file store")
+
+
+def _dvclive_problem(plan: dict[str, Any], cfg: Any) -> str | None:
+    for job, metrics in plan.items():  # each job its own folder
+        keys: dict[str, tuple[str, str]] = {"step": (job, "(the last step, in metrics.json)")}
+        for name in _all_names(metrics):
+            key = dvclive_key(name)
+            if any(part in ("", ".", "..") for part in key.split("/")):
+                return f"metric {name!r} of the {job} job: DVCLive keeps it as a path, with an empty, '.' or '..' part"
+            if key in keys and keys[key] != (job, name):
+                return f"metrics {keys[key][1]!r} and {name!r} of the {job} job: both are DVCLive's {key!r}"
+            keys[key] = (job, name)
+        if problem := _path_problem(keys, "DVCLive's metrics.json"):
+            return problem
     return None
 
 
@@ -58,8 +91,19 @@ def _wandb_problem(plan: dict[str, Any], cfg: Any) -> str | None:
     return None
 
 
+def _swanlab_problem(plan: dict[str, Any], cfg: Any) -> str | None:
+    for job, metrics in plan.items():
+        for name in [*_all_names(metrics), *metrics.distributions]:
+            if name != name.strip(" \t\n\r./") or len(name) > 512:
+                return (f"metric {name!r} of the {job} job: SwanLab trims leading and trailing '/', '.' and "
+                        "blanks from a key and cuts it at 512 characters")  # fmt: skip
+    return None
+
+
 # backend name -> what is wrong with the planned names for it (None: nothing)
 NAME_RULES: dict[str, Callable[[dict[str, Any], Any], str | None]] = {
     "mlflow": _mlflow_problem,
     "wandb": _wandb_problem,
+    "dvclive": _dvclive_problem,
+    "swanlab": _swanlab_problem,
 }
