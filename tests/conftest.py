@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -37,6 +38,8 @@ from typing import Any
 import pytest
 
 from rlrun.tracking.record import read_records, record_path
+
+_LOCAL = ("127.0.0.1", "::1", "localhost")
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -123,6 +126,44 @@ def wandb_records(run_file: str | Path) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every connection or DNS lookup off this machine fails and is recorded."""
+    attempts: list[object] = []
+    connect, getaddrinfo = socket.socket.connect, socket.getaddrinfo
+
+    def guarded_connect(sock, address):
+        if isinstance(address, tuple) and address[0] not in _LOCAL:
+            attempts.append(address)
+            raise OSError(f"test: no network ({address})")
+        return connect(sock, address)
+
+    def guarded_getaddrinfo(host, *args, **kwargs):
+        if host not in _LOCAL and host is not None:
+            attempts.append(host)
+            raise socket.gaierror(f"test: no network ({host})")
+        return getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    monkeypatch.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
+    return attempts
+
+
+def pip_install_site(package: Path, tmp: Path) -> Path:
+    """`package` (a source tree) built and pip-installed into `<tmp>/site` (for sys.path or an
+    app's PYTHONPATH): a plugin or environment package the tests install without the venv."""
+    import shutil
+
+    src = tmp / "src"
+    shutil.copytree(package, src)  # pip builds in the source tree: keep build/ and egg-info out of the repo
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--no-input", "--disable-pip-version-check", "--target", str(tmp / "site"), str(src)],
+        check=True, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    return tmp / "site"
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 import time
 from pathlib import Path
@@ -38,22 +37,11 @@ def _alert(step: int, stop: bool = False) -> Alert:
 
 
 @pytest.fixture
-def offline(tmp_path, monkeypatch):
-    """HOME in tmp_path; any connection to a non-loopback address fails and is recorded."""
+def offline(tmp_path, monkeypatch, no_network):
+    """HOME in tmp_path; any connection or DNS lookup off this machine fails and is recorded."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "home").mkdir()
-    attempts: list = []
-    connect = socket.socket.connect
-
-    def guarded(sock, address):
-        host = address[0] if isinstance(address, tuple) else address
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and host not in ("127.0.0.1", "::1", "localhost"):
-            attempts.append(address)
-            raise OSError(f"test: no network ({address})")
-        return connect(sock, address)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded)
-    return attempts
+    return no_network
 
 
 def _read_run(repo_dir: Path, run_hash: str):

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-import socket
 import subprocess
 import sys
 import time
@@ -21,30 +20,6 @@ from rlrun.tracking.backends.dvclive import DvcliveBackend, DvcliveLoggerConfig 
 from rlrun.tracking.base import Alert, MetricPoint, TrackerContext  # noqa: E402
 from rlrun.tracking.names import DISTRIBUTION_STATS  # noqa: E402
 
-_LOCAL = ("127.0.0.1", "::1", "localhost")
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Every connection or DNS lookup off this machine fails and is recorded."""
-    attempts: list[object] = []
-    connect, getaddrinfo = socket.socket.connect, socket.getaddrinfo
-
-    def guarded_connect(sock, address):
-        if isinstance(address, tuple) and address[0] not in _LOCAL:
-            attempts.append(address)
-            raise OSError(f"test: no network ({address})")
-        return connect(sock, address)
-
-    def guarded_getaddrinfo(host, *args, **kwargs):
-        if host not in _LOCAL and host is not None:
-            attempts.append(host)
-            raise socket.gaierror(f"test: no network ({host})")
-        return getaddrinfo(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
-    monkeypatch.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
-    return attempts
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ SwanLab has no public reader for its record files: the test reads them with Swan
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import threading
 import time
@@ -41,27 +40,16 @@ def _alert(step: int, stop: bool = False) -> Alert:
 
 
 @pytest.fixture
-def offline(tmp_path, monkeypatch):
+def offline(tmp_path, monkeypatch, no_network):
     """HOME and the working directory in tmp_path, SwanLab's env pointing online and at a
-    webhook, and any connection to a non-loopback address failing (and recorded)."""
+    webhook, and any connection or DNS lookup off this machine failing (and recorded)."""
     for d in ("home", "cwd"):
         (tmp_path / d).mkdir()
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path / "cwd")  # SwanLab reads ./.env and ./swanlab.yaml, defaults to ./swanlog
     monkeypatch.setenv("SWANLAB_MODE", "online")
     monkeypatch.setenv("SWANLAB_WEBHOOK", "http://203.0.113.7/hook")
-    attempts: list = []
-    connect = socket.socket.connect
-
-    def guarded(sock, address):
-        host = address[0] if isinstance(address, tuple) else address
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and host not in ("127.0.0.1", "::1", "localhost"):
-            attempts.append(address)
-            raise OSError(f"test: no network ({address})")
-        return connect(sock, address)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded)
-    return attempts
+    return no_network
 
 
 def _on_writer_thread(fn) -> None:

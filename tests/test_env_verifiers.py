@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import pickle
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, app_env, metrics, run_app
+from conftest import ROOT, app_env, metrics, pip_install_site, run_app
 
 pytest.importorskip("verifiers.v1")
 
@@ -34,20 +33,13 @@ WEIGHTS = {"exact": 1.0, "length_match": 0.5}  # the environment's own (its @vf.
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
     """The test environment installed into `<tmp>/site`, which is on sys.path meanwhile."""
-    tmp = tmp_path_factory.mktemp("verifiers_env")
-    src = tmp / "src"
-    shutil.copytree(PACKAGE, src)  # pip builds in the source tree: keep build/ and egg-info out of the repo
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--no-input", "--disable-pip-version-check", "--target", str(tmp / "site"), str(src)],
-        check=True, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+    site = pip_install_site(PACKAGE, tmp_path_factory.mktemp("verifiers_env"))
     import importlib
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(tmp / "site"))  # spawned env workers inherit sys.path
+        mp.syspath_prepend(str(site))  # spawned env workers inherit sys.path
         importlib.invalidate_caches()
-        yield tmp / "site"
+        yield site
     for name in [m for m in sys.modules if m == "rlrun_test_reverse" or m.startswith("rlrun_test_reverse.")]:
         del sys.modules[name]
 

@@ -9,14 +9,13 @@ installed into the venv), then selected with `logger=[jsonl,csvlog]` with no cha
 from __future__ import annotations
 
 import csv
-import shutil
 import subprocess
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, app_env, metrics, run_app
+from conftest import ROOT, app_env, metrics, pip_install_site, run_app
 
 from rlrun.tracking.backends import ENTRY_POINT_GROUP, enabled_backends, plugins
 from rlrun.tracking.config import BUILTIN
@@ -26,15 +25,7 @@ PACKAGE = ROOT / "tests" / "tracker_plugins" / "rlrun_test_tracker"
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("tracker_plugin")
-    src = tmp / "src"
-    shutil.copytree(PACKAGE, src)  # pip builds in the source tree: keep build/ and egg-info out of the repo
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--no-input", "--disable-pip-version-check", "--target", str(tmp / "site"), str(src)],
-        check=True, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
-    return tmp / "site"
+    return pip_install_site(PACKAGE, tmp_path_factory.mktemp("tracker_plugin"))
 
 
 def _cfg_job(*overrides: str, env: dict[str, str]) -> subprocess.CompletedProcess:
