@@ -318,3 +318,107 @@ def test_paced_calls_wake_no_writer_and_are_delivered_in_batches(tmp_path):
     assert len(calls) <= elapsed / WAKE_INTERVAL_S + 3, f"{len(calls)} backend calls for 100 paced steps: {calls}"
     tracker.finish()
     assert [r["step"] for r in metrics(tmp_path, "trainer")] == list(range(100))
+
+
+# ---------------------------------------------------------------- (d) every file-backed store blocked, then freed
+
+
+def _tensorboard_steps(run_dir: Path, identity: dict[str, str]) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard" / "trainer"), size_guidance={"scalars": 0}).Reload()
+    return {e.step: e.value for e in acc.Scalars("x")}
+
+
+def _mlflow_steps(run_dir: Path, identity: dict[str, str]) -> dict[int, float]:
+    history = MlflowClient(identity["mlflow_tracking_uri"]).get_metric_history(identity["mlflow_run_id"], "trainer/x")
+    assert len(history) == len({m.step for m in history}), "no step twice"
+    return {m.step: m.value for m in history}
+
+
+def _dvclive_steps(run_dir: Path, identity: dict[str, str]) -> dict[int, float]:
+    from dvclive.utils import parse_tsv
+
+    rows = parse_tsv(run_dir / "dvclive" / "trainer" / "plots" / "metrics" / "x.tsv")
+    assert len(rows) == len({row["step"] for row in rows}), "no step twice"
+    return {int(row["step"]): float(row["x"]) for row in rows}
+
+
+def _aim_steps(run_dir: Path, identity: dict[str, str]) -> dict[int, float]:
+    from aim.storage.context import Context
+    from test_backend_aim import _read_run
+
+    run = _read_run(run_dir / "aim", identity["aim_run_hash"])
+    steps, (values,) = run.get_metric("x", Context({})).data.view("val").items_list()
+    assert len(steps) == len(set(steps)), "no step twice"
+    return dict(zip(steps, values))
+
+
+def _trackio_steps(run_dir: Path, identity: dict[str, str]) -> dict[int, float]:
+    from test_backend_trackio import _read
+
+    (run,) = _read(run_dir / "trackio", "rlrun").values()
+    logs = [log for log in run["logs"] if "x" in log]
+    assert len(logs) == len({log["step"] for log in logs}), "no step twice"
+    return {log["step"]: log["x"] for log in logs}
+
+
+def _swanlab_steps(run_dir: Path, identity: dict[str, str]) -> dict[int, float]:
+    from test_backend_swanlab import _of, _runs
+
+    (found,) = _runs(run_dir / "swanlog", identity["swanlab_run_id"])
+    scalars = [(s.step, s.value.number) for s in _of(found[1], "scalar") if s.key == "x"]
+    assert len(scalars) == len({step for step, _ in scalars}), "no step twice"
+    return dict(scalars)
+
+
+# backend -> (where its store goes under the run directory, how to read x's steps back)
+FILE_STORES = {
+    "tensorboard": ("tensorboard", _tensorboard_steps),
+    "mlflow": ("mlstore", _mlflow_steps),
+    "dvclive": ("dvclive", _dvclive_steps),
+    "aim": ("aim", _aim_steps),
+    "trackio": ("trackio", _trackio_steps),
+    "swanlab": ("swanlog", _swanlab_steps),
+}
+
+
+@pytest.mark.parametrize("backend", sorted(FILE_STORES))
+def test_a_blocked_store_is_retried_spilled_and_replayed(backend, tmp_path, monkeypatch, no_network):
+    """The backend's store path is taken by a plain file (a fault root cannot write through,
+    unlike a read-only directory): every call fails, the Tracker keeps the points (spilled to
+    disk past `max_in_memory`), the caller never waits; once the path is free, every step is
+    delivered exactly once, read back with the tracker's own reader."""
+    pytest.importorskip({"mlflow": "mlflow", "dvclive": "dvclive", "aim": "aim", "trackio": "trackio",
+                         "swanlab": "swanlab"}.get(backend, "tensorboard"))  # fmt: skip
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"
+    store, read_steps = FILE_STORES[backend]
+    cfg = _logger_cfg(**{backend: True})
+    cfg.delivery.retry_initial_s, cfg.delivery.retry_max_s, cfg.delivery.max_in_memory = 0.05, 0.2, 5
+    cfg.delivery.warn_interval_s = 0.0
+    if backend == "mlflow":
+        cfg.mlflow.tracking_uri = f"sqlite:///{run_dir / store / 'mlflow.db'}"
+    blocked = run_dir / store
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("a file where the store's folder should be")
+
+    tracker = Tracker(cfg, job="trainer", output_dir=run_dir, mlflow_end_run=True)
+    worker = tracker.workers[backend]
+    slowest = 0.0
+    for step in range(1, 41):
+        start = time.perf_counter()
+        tracker.log_metrics({"x": step * 0.5}, step)
+        slowest = max(slowest, time.perf_counter() - start)
+    wait_for(lambda: worker.failures >= 2 or None, f"{backend} to fail twice", timeout_s=60)
+    wait_for(lambda: worker.backlog.on_disk or None, f"{backend}'s backlog to spill", timeout_s=60)
+    spill = run_dir / "metrics" / ".spill" / "trainer" / f"{backend}.spill"
+    assert spill.is_file() and slowest < 0.2, (spill, slowest)
+
+    blocked.unlink()  # the fault ends: the next retry goes through
+    tracker.finish()
+    assert not spill.exists(), "the spill was read back and removed"
+    assert read_steps(run_dir, worker.backend.run_identity()) == {step: step * 0.5 for step in range(1, 41)}
+    assert [r["step"] for r in metrics(run_dir, "trainer")] == list(range(1, 41))
+    assert no_network == []
