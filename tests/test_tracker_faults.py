@@ -372,9 +372,19 @@ def _swanlab_steps(run_dir: Path, identity: dict[str, str]) -> dict[int, float]:
     return dict(scalars)
 
 
+def _clearml_steps(run_dir: Path, identity: dict[str, str]) -> dict[int, float]:
+    from rlrun.tracking.backends.clearml import read_events
+
+    events = [e for e in read_events(run_dir / "clearml" / identity["clearml_task_id"])
+              if e["type"] == "training_stats_scalar" and (e["metric"], e["variant"]) == ("x", "x")]  # fmt: skip
+    assert len(events) == len({e["iter"] for e in events}), "no step twice"
+    return {e["iter"]: e["value"] for e in events}
+
+
 # backend -> (where its store goes under the run directory, how to read x's steps back)
 FILE_STORES = {
     "tensorboard": ("tensorboard", _tensorboard_steps),
+    "clearml": ("clearml", _clearml_steps),
     "mlflow": ("mlstore", _mlflow_steps),
     "dvclive": ("dvclive", _dvclive_steps),
     "aim": ("aim", _aim_steps),
@@ -390,7 +400,7 @@ def test_a_blocked_store_is_retried_spilled_and_replayed(backend, tmp_path, monk
     disk past `max_in_memory`), the caller never waits; once the path is free, every step is
     delivered exactly once, read back with the tracker's own reader."""
     pytest.importorskip({"mlflow": "mlflow", "dvclive": "dvclive", "aim": "aim", "trackio": "trackio",
-                         "swanlab": "swanlab"}.get(backend, "tensorboard"))  # fmt: skip
+                         "swanlab": "swanlab", "clearml": "clearml"}.get(backend, "tensorboard"))  # fmt: skip
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "run"

@@ -6,7 +6,7 @@ MLflow keys are `<job>/<name>`, with characters outside MLflow's set (`@` in `ev
 replaced by `_`; a distribution becomes `<name>/<stat>` keys. DVCLive keeps each job's names
 as paths (a last part `step` becomes `step_`). Both keep a metric in a file at its key's
 path, so a key that is also the start of another (`a` and `a/b`) cannot be kept. W&B
-reserves names that start with `_`. TensorBoard and the jsonl record take any name; a
+reserves names that start with `_`; ClearML splits a name into a title and a series. TensorBoard and the jsonl record take any name; a
 plugin backend's names are not checked.
 """
 
@@ -91,6 +91,24 @@ def _wandb_problem(plan: dict[str, Any], cfg: Any) -> str | None:
     return None
 
 
+def clearml_pair(name: str) -> tuple[str, str]:
+    """ClearML's (title, series) of a metric: the name up to its last `/`, and its last part
+    (a name without `/` is both: ClearML's way for a single line)."""
+    title, _, series = name.rpartition("/")
+    return (title, series) if title else (name, name)
+
+
+def _clearml_problem(plan: dict[str, Any], cfg: Any) -> str | None:
+    for job, metrics in plan.items():
+        pairs: dict[tuple[str, str], str] = {}
+        for name in [*metrics.scalars, *metrics.distributions]:
+            pair = clearml_pair(name)
+            if pair in pairs and pairs[pair] != name:
+                return f"metrics {pairs[pair]!r} and {name!r} of the {job} job: both are ClearML's title/series {pair}"
+            pairs[pair] = name
+    return None
+
+
 def _swanlab_problem(plan: dict[str, Any], cfg: Any) -> str | None:
     for job, metrics in plan.items():
         for name in [*_all_names(metrics), *metrics.distributions]:
@@ -106,4 +124,5 @@ NAME_RULES: dict[str, Callable[[dict[str, Any], Any], str | None]] = {
     "wandb": _wandb_problem,
     "dvclive": _dvclive_problem,
     "swanlab": _swanlab_problem,
+    "clearml": _clearml_problem,
 }
