@@ -26,7 +26,7 @@ test: $(VENV)/.installed-dev
 	$(PY) -m pytest $(ARGS)
 
 $(VENV)/.installed-bench: pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install -q -e '.[bench,envs]'
+	$(PY) -m pip install -q -e '.[bench,envs,trackers]'
 	touch $(VENV)/.installed $@
 
 # Every benchmark in turn (or some: make bench BENCHES="overlap startup"); ARGS go to each.
