@@ -106,7 +106,7 @@ def _trackio_dir_refs() -> list[tuple[Any, str]]:
     if _dir_refs[0] != len(sys.modules):
         refs = [
             (module, attr)
-            for module_name, module in list(sys.modules.items())
+            for module_name, module in sys.modules.copy().items()
             if module is not None and (module_name == "trackio" or module_name.startswith("trackio."))
             for attr in _DIR_ATTRS
             if isinstance(getattr(module, attr, None), Path)
