@@ -145,7 +145,7 @@ def test_help_lists_the_groups(tmp_path):
     out = _rlrun("--help", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "== Configuration groups ==" in out.stdout
-    assert "logger: aim, all, clearml, console, dvclive, jsonl, mlflow, swanlab, tensorboard, trackio, wandb, wandb+mlflow" in out.stdout
+    assert "logger: aim, all, clearml, comet, console, dvclive, jsonl, mlflow, swanlab, tensorboard, trackio, wandb, wandb+mlflow" in out.stdout
     assert "model: hf, tiny" in out.stdout
     assert "python -m rlrun logger=wandb+mlflow" in out.stdout, "the app's own help header"
 

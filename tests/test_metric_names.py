@@ -48,6 +48,7 @@ def test_every_default_name_passes_every_backend(hydra_compose):
         (["k" * 240, "b"], "mlflow", ["longer than 250 characters"]),
         (["reward", "b"], "dvclive", ["metric 'reward' of the orchestrator job is also the start", "DVCLive's metrics.json"]),
         ([".x", "b"], "swanlab", ["metric '.x/", "SwanLab trims leading and trailing"]),
+        (["k" * 90, "b"], "comet", ["Comet cuts metric names at 100 characters"]),
         (["reward", "b"], "clearml", ["metrics 'reward' and 'reward/reward' of the orchestrator job: both are ClearML's"]),
     ],
 )

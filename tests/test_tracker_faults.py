@@ -381,10 +381,20 @@ def _clearml_steps(run_dir: Path, identity: dict[str, str]) -> dict[int, float]:
     return {e["iter"]: e["value"] for e in events}
 
 
+def _comet_steps(run_dir: Path, identity: dict[str, str]) -> dict[int, float]:
+    from rlrun.tracking.backends.comet import read_archives
+
+    metrics = [m["payload"]["metric"] for m in read_archives(run_dir / "comet", identity["comet_experiment_key"])[1]
+               if m["type"] == "metric_msg" and m["payload"]["metric"]["metricName"] == "x"]  # fmt: skip
+    assert len(metrics) == len({m["step"] for m in metrics}), "no step twice"
+    return {m["step"]: float(m["metricValue"]) for m in metrics}
+
+
 # backend -> (where its store goes under the run directory, how to read x's steps back)
 FILE_STORES = {
     "tensorboard": ("tensorboard", _tensorboard_steps),
     "clearml": ("clearml", _clearml_steps),
+    "comet": ("comet", _comet_steps),
     "mlflow": ("mlstore", _mlflow_steps),
     "dvclive": ("dvclive", _dvclive_steps),
     "aim": ("aim", _aim_steps),
@@ -400,7 +410,7 @@ def test_a_blocked_store_is_retried_spilled_and_replayed(backend, tmp_path, monk
     disk past `max_in_memory`), the caller never waits; once the path is free, every step is
     delivered exactly once, read back with the tracker's own reader."""
     pytest.importorskip({"mlflow": "mlflow", "dvclive": "dvclive", "aim": "aim", "trackio": "trackio",
-                         "swanlab": "swanlab", "clearml": "clearml"}.get(backend, "tensorboard"))  # fmt: skip
+                         "swanlab": "swanlab", "clearml": "clearml", "comet": "comet_ml"}.get(backend, "tensorboard"))  # fmt: skip
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "run"

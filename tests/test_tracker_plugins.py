@@ -36,7 +36,7 @@ def _cfg_job(*overrides: str, env: dict[str, str]) -> subprocess.CompletedProces
 def test_rlruns_own_backends_come_from_the_entry_points():
     registered = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
     expected = {name: f"rlrun.tracking.config:{name.upper()}" for name in BUILTIN}  # plugins defined in config.py
-    expected |= {name: f"rlrun.tracking.backends.{name}:PLUGIN" for name in ("aim", "clearml", "dvclive", "swanlab", "trackio")}
+    expected |= {name: f"rlrun.tracking.backends.{name}:PLUGIN" for name in ("aim", "clearml", "comet", "dvclive", "swanlab", "trackio")}
     assert registered == expected, "pyproject.toml"
     assert list(plugins())[0] == "jsonl", "the record first"
     assert list(plugins()) == ["jsonl", *sorted(set(expected) - {"jsonl"})]

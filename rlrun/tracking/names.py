@@ -6,7 +6,8 @@ MLflow keys are `<job>/<name>`, with characters outside MLflow's set (`@` in `ev
 replaced by `_`; a distribution becomes `<name>/<stat>` keys. DVCLive keeps each job's names
 as paths (a last part `step` becomes `step_`). Both keep a metric in a file at its key's
 path, so a key that is also the start of another (`a` and `a/b`) cannot be kept. W&B
-reserves names that start with `_`; ClearML splits a name into a title and a series. TensorBoard and the jsonl record take any name; a
+reserves names that start with `_`; ClearML splits a name into a title and a series; Comet
+cuts names at 100 characters. TensorBoard and the jsonl record take any name; a
 plugin backend's names are not checked.
 """
 
@@ -109,6 +110,17 @@ def _clearml_problem(plan: dict[str, Any], cfg: Any) -> str | None:
     return None
 
 
+COMET_MAX_NAME_LENGTH = 100  # comet_ml's MAXIMAL_KEY_LENGTH: it cuts longer metric names
+
+
+def _comet_problem(plan: dict[str, Any], cfg: Any) -> str | None:
+    for job, metrics in plan.items():
+        for name in metrics.scalars:
+            if len(name) > COMET_MAX_NAME_LENGTH:
+                return f"metric {name!r} of the {job} job: Comet cuts metric names at {COMET_MAX_NAME_LENGTH} characters"
+    return None
+
+
 def _swanlab_problem(plan: dict[str, Any], cfg: Any) -> str | None:
     for job, metrics in plan.items():
         for name in [*_all_names(metrics), *metrics.distributions]:
@@ -125,4 +137,5 @@ NAME_RULES: dict[str, Callable[[dict[str, Any], Any], str | None]] = {
     "dvclive": _dvclive_problem,
     "swanlab": _swanlab_problem,
     "clearml": _clearml_problem,
+    "comet": _comet_problem,
 }
