@@ -1,8 +1,8 @@
 """How long does metrics logging block the training loop? Direct calls vs rlrun's Tracker.
 
 The same STEPS steps x METRICS metrics go to W&B (offline), MLflow (SQLite store),
-TensorBoard, Aim (local repo), DVCLive (plain files), SwanLab (offline) and trackio (local
-SQLite store), two ways:
+TensorBoard, Aim (local repo), DVCLive (plain files), SwanLab (offline), trackio (local
+SQLite store), ClearML (offline session) and Comet (offline archive), two ways:
 
 - direct: what a training loop does without a tracker layer (verl, NeMo-RL style): per
   step, each library's documented logging call, timed one by one:
@@ -13,12 +13,19 @@ SQLite store), two ways:
   backend makes it: `save_dvc_exp=False, dvcyaml=None`, DVC and Studio set-up skipped),
   `swanlab_run.log(metrics, step=step)` (mode offline, probes off) and
   `trackio.log(metrics, step=step)` (`trackio.init` with no HF token and no Space: local
-  only, and it makes no network attempt, see `network_attempts`);
+  only, and it makes no network attempt, see `network_attempts`),
+  `task.get_logger().report_scalar(title, series, value, iteration=step)` per metric (ClearML
+  offline, `Task.set_offline(True)`, no `Task.init`: the task built as rlrun's backend builds
+  it, its `_LocalTask`, session folder in the work directory, reporter thread not subprocess;
+  no flush per step, the reporter thread writes as it goes and `task.close()` flushes) and
+  `experiment.log_metrics(metrics, step=step)` (Comet `OfflineExperiment` with every
+  auto-logging / env / git switch off as in rlrun's backend, imported as the backend imports
+  it: Sentry and the auto-logging import hook off; archived to a zip at `end()`);
 - tracker: `Tracker.log_metrics(metrics, step)` with the same backends enabled
   (`logger.<name>.enabled=True` on `OmegaConf.structured(rlrun.config.LoggerConfig)`), plus
   the always-on jsonl record.
 
-`--backends` picks a subset (default: all seven). Each mode is one process, so SwanLab's
+`--backends` picks a subset (default: all nine). Each mode is one process, so SwanLab's
 one run per process holds in both.
 
 Reported: the caller's blocked time per step (p50/p99; in direct mode also per library),
@@ -27,12 +34,15 @@ loop has finished/closed every backend, or until `Tracker.finish()` returns) and
 lost, counted by reading every store back with its own reader (MlflowClient.get_metric_history,
 TensorBoard's EventAccumulator, `wandb leet inspect --json`, `aim.Repo` after `aim storage
 reindex`, `dvclive.utils.parse_tsv`, SwanLab's `DataStoreReader`, trackio's
-`SQLiteStorage.get_logs`, rlrun's jsonl reader). Every connection or DNS lookup off this
-machine is refused in the children and counted (`network_attempts`).
+`SQLiteStorage.get_logs`, the ClearML session's `metrics.jsonl` as `Task.import_offline_session`
+reads it (`rlrun.tracking.backends.clearml.read_events`), the Comet zips as `comet upload`
+reads them (`rlrun.tracking.backends.comet.read_archives`), rlrun's jsonl reader). Every
+connection or DNS lookup off this machine is refused in the children and counted
+(`network_attempts`).
 
 Each mode runs in a fresh subprocess (working directory, HOME and HF_HOME inside its own
-folder, no HF token), all files under a temporary directory that is removed afterwards
-(`--keep` keeps it). Results: benchmarks/results/tracker.json.
+folder, no HF token or tracker API key), all files under a temporary directory that is
+removed afterwards (`--keep` keeps it). Results: benchmarks/results/tracker.json.
 
     python benchmarks/tracker.py [--steps 1000] [--metrics 20] [--step-work-ms 5] [--backends all] [--keep]
 """
@@ -58,10 +68,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "tracker.json"
 JOB = "bench"
-BACKENDS = ("tensorboard", "mlflow", "wandb", "aim", "dvclive", "swanlab", "trackio")
+BACKENDS = ("tensorboard", "mlflow", "wandb", "aim", "dvclive", "swanlab", "trackio", "clearml", "comet")
 # W&B's system-metrics sampler, requirements and git capture are not what we measure.
 WANDB_SETTINGS = {"console": "off", "silent": True, "x_disable_stats": True, "x_save_requirements": False, "disable_git": True}
 TRACKIO_PROJECT = "rlrun-bench"
+CLEARML_PROJECT = "rlrun-bench"
+COMET_PROJECT = "rlrun-bench"
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0", ""}
 NETWORK_ATTEMPTS: list[str] = []
 
@@ -223,6 +235,47 @@ def open_direct(name: str, work: Path) -> tuple[Callable[[dict[str, float], int]
             trackio.finish,
             lambda names, steps: trackio_lost(work / "trackio", trackio_run.id, names, steps),
         )
+    if name == "clearml":
+        import uuid
+
+        from clearml import Task
+
+        from rlrun.tracking.backends.clearml import _local_task_class
+        from rlrun.tracking.names import clearml_pair
+
+        Task.set_offline(True)  # no server, no session; never Task.init (see rlrun's backend)
+        root, task_id = (work / "clearml").absolute(), f"offline-{uuid.uuid4().hex}"
+        root.mkdir(parents=True, exist_ok=True)
+        task = _local_task_class(root, task_id)(private=Task._Task__create_protection, project_name=CLEARML_PROJECT,
+                                                task_name="direct", task_type=Task.TaskTypes.training,
+                                                log_to_backend=True)  # fmt: skip
+        task.started()
+        clearml_logger = task.get_logger()
+        pairs: dict[str, tuple[str, str]] = {}
+
+        def log(metrics: dict[str, float], step: int) -> None:
+            for key, val in metrics.items():
+                title, series = pairs.get(key) or pairs.setdefault(key, clearml_pair(key))
+                clearml_logger.report_scalar(title, series, val, iteration=step)
+
+        return log, task.close, lambda names, steps: clearml_lost(root / task_id, names, steps)
+    if name == "comet":
+        import uuid
+
+        from rlrun.tracking.backends.comet import _OFF, _import_comet
+
+        root, key = (work / "comet").absolute(), uuid.uuid4().hex
+        root.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("MPLCONFIGDIR", str(root / ".matplotlib"))  # as the backend: not ~/.config
+        comet_ml = _import_comet()  # Sentry and the auto-logging import hook off, as the backend imports it
+        experiment = comet_ml.OfflineExperiment(offline_directory=str(root), experiment_key=key,
+                                                project_name=COMET_PROJECT, **_OFF)  # fmt: skip
+        experiment.set_name("direct")
+        return (
+            lambda metrics, step: experiment.log_metrics(metrics, step=step),
+            experiment.end,
+            lambda names, steps: comet_lost(root, key, names, steps),
+        )
     raise ValueError(f"unknown backend {name!r}")
 
 
@@ -278,6 +331,10 @@ def run_tracker(work: Path, steps: int, names: list[str], step_work: float, back
     log_cfg.swanlab.project = "rlrun-bench"
     log_cfg.trackio.dir = str(work / "trackio")
     log_cfg.trackio.project = TRACKIO_PROJECT
+    log_cfg.clearml.dir = str(work / "clearml")
+    log_cfg.clearml.project = CLEARML_PROJECT
+    log_cfg.comet.dir = str(work / "comet")
+    log_cfg.comet.project = COMET_PROJECT
     settings = {k: v for k, v in WANDB_SETTINGS.items() if k not in ("console", "silent")}
     tracker = Tracker(log_cfg, job=JOB, output_dir=work / "run", run_name="bench", wandb_settings=settings)
 
@@ -310,6 +367,10 @@ def run_tracker(work: Path, steps: int, names: list[str], step_work: float, back
             lost[name] = swanlab_lost(work / "swanlog", ids["swanlab_run_id"], names, steps)
         elif name == "trackio":
             lost[name] = trackio_lost(Path(ids["trackio_dir"]), ids["trackio_run_id"], names, steps)
+        elif name == "clearml":
+            lost[name] = clearml_lost(Path(ids["clearml_dir"]) / ids["clearml_task_id"], names, steps)
+        elif name == "comet":
+            lost[name] = comet_lost(Path(ids["comet_dir"]), ids["comet_experiment_key"], names, steps)
     return {"blocked": blocked, "loop_s": loop_s, "durable_s": durable_s, "from_loop_s": from_loop_s, "lost": lost}
 
 
@@ -433,6 +494,36 @@ def trackio_lost(store_dir: Path, run_id: str, names: list[str], steps: int) -> 
     return count_lost(seen, names, steps)
 
 
+def clearml_lost(session_dir: Path, names: list[str], steps: int) -> int:
+    """The offline session's events, as `Task.import_offline_session` reads them."""
+    from rlrun.tracking.backends.clearml import read_events
+    from rlrun.tracking.names import clearml_pair
+
+    by_pair = {clearml_pair(name): name for name in names}
+    seen = set()
+    for e in read_events(session_dir):
+        name = by_pair.get((e.get("metric"), e.get("variant")))
+        if e.get("type") == "training_stats_scalar" and name is not None:
+            s = int(e["iter"])
+            if 0 <= s < steps and same(float(e["value"]), value(names.index(name), s)):
+                seen.add((s, name))
+    return count_lost(seen, names, steps)
+
+
+def comet_lost(root: Path, key: str, names: list[str], steps: int) -> int:
+    """Every zip of the experiment, as `comet upload` reads them."""
+    from rlrun.tracking.backends.comet import read_archives
+
+    seen = set()
+    for m in read_archives(root, key)[1]:
+        if m["type"] == "metric_msg":
+            metric = m["payload"]["metric"]
+            name, s = metric["metricName"], int(metric["step"])
+            if name in names and 0 <= s < steps and same(float(metric["metricValue"]), value(names.index(name), s)):
+                seen.add((s, name))
+    return count_lost(seen, names, steps)
+
+
 # ---------------------------------------------------------------- the parent
 
 
@@ -468,7 +559,8 @@ def run_mode(mode: str, work: Path, args: argparse.Namespace) -> dict:
         k: v for k, v in os.environ.items()
         # No HF token (trackio.init would ask the Hub who it is), no remote trackio store.
         if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL",
-                     "TRACKIO_BUCKET_ID", "TRACKIO_DATASET_ID", "SWANLAB_API_KEY", "DVC_STUDIO_TOKEN")
+                     "TRACKIO_BUCKET_ID", "TRACKIO_DATASET_ID", "SWANLAB_API_KEY", "DVC_STUDIO_TOKEN",
+                     "COMET_API_KEY", "CLEARML_API_ACCESS_KEY", "CLEARML_API_SECRET_KEY")
     }  # fmt: skip
     env.update({
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
