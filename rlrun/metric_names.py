@@ -27,6 +27,11 @@ TRAINER_SCALARS = (
     "is/truncated_frac", "is/masked_frac", "perf/tokens_per_s", "perf/mfu", "perf/peak_memory_gb",
     "idle/trainer_wait_frac",
 )  # fmt: skip
+# What trainer/loss.py's mismatch_stats returns, in its order (here, so the launcher's check imports no torch).
+MISMATCH_STATS = tuple(f"mismatch/{name}" for name in (
+    "kl", "logprob_diff_mean", "logprob_diff_max", "ppl_ratio", "token_ratio_min", "token_ratio_mean",
+    "token_ratio_max", "seq_ratio_min", "seq_ratio_mean", "seq_ratio_max",
+))  # fmt: skip
 MONITOR_JOBS = ("sft", "inference", "orchestrator", "trainer")
 SYSTEM = ("system/elapsed_s", "system/train_step", "system/cpu_percent", "system/ram_used_gb", "system/ram_percent",
           "system/disk_used_gb", "system/disk_percent", "system/run_dir_gb")  # fmt: skip
@@ -75,8 +80,6 @@ def planned_metrics(cfg: Any) -> dict[str, JobMetrics]:
     orchestrator += env_train
     if cfg.orchestrator.eval_interval > 0:
         orchestrator += _eval_names(all_fns, cfg) + env_eval
-
-    from rlrun.trainer.loss import MISMATCH_STATS
 
     trainer = list(TRAINER_SCALARS) + list(MISMATCH_STATS) + [f"time/{t}" for t in TRAINER_TIMES]
     sft = ["loss", "grad_norm", "lr", "tokens/s", "num_loss_tokens", "num_tokens"] + [f"time/{t}" for t in SFT_TIMES]

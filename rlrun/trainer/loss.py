@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import torch
 
+from rlrun.metric_names import MISMATCH_STATS
 from rlrun.trainer.config import IS_CORRECTIONS, LOSS_TYPES
 
 PER_SEQUENCE = ("grpo", "gspo")  # token means per sequence, then a mean over sequences
@@ -128,12 +129,6 @@ def is_weights(log_rho: torch.Tensor, mask: torch.Tensor, correction: str, cap: 
         seq = torch.exp(log_rho.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1))
         keep = ((seq >= 1.0 / cap) & (seq <= cap)).expand_as(mask)
     return keep.to(log_rho.dtype), {"is/masked_frac": (~keep & mask).sum() / n}
-
-
-MISMATCH_STATS = tuple(f"mismatch/{name}" for name in (
-    "kl", "logprob_diff_mean", "logprob_diff_max", "ppl_ratio", "token_ratio_min", "token_ratio_mean",
-    "token_ratio_max", "seq_ratio_min", "seq_ratio_mean", "seq_ratio_max",
-))  # fmt: skip
 
 
 def mismatch_stats(logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
