@@ -42,9 +42,11 @@ connection or DNS lookup off this machine is refused in the children and counted
 
 Each mode runs in a fresh subprocess (working directory, HOME and HF_HOME inside its own
 folder, no HF token or tracker API key), all files under a temporary directory that is
-removed afterwards (`--keep` keeps it). Results: benchmarks/results/tracker.json.
+removed afterwards (`--keep` keeps it). `--repeats` pairs (default 3), the first of each pair
+alternating: benchmarks/results/tracker.json holds the repeat with the median ratio, whole,
+each repeat's headline figures and load, and the medians (`*_median`).
 
-    python benchmarks/tracker.py [--steps 1000] [--metrics 20] [--step-work-ms 5] [--backends all] [--keep]
+    python benchmarks/tracker.py [--steps 1000] [--metrics 20] [--step-work-ms 5] [--backends all] [--repeats 3] [--keep]
 """
 
 from __future__ import annotations
@@ -694,6 +696,28 @@ def report(args: argparse.Namespace, direct: dict, tracker: dict, machine: dict)
     return result
 
 
+def with_medians(runs: list[dict]) -> dict:
+    """The repeat with the median ratio, whole, plus every repeat's headline figures and their
+    medians (points lost summed over all repeats)."""
+    import statistics
+
+    out = dict(sorted(runs, key=lambda r: r["ratio"])[len(runs) // 2])
+    out["repeats"] = [{"direct_p99_s": r["direct_p99_s"], "tracker_p99_s": r["tracker_p99_s"], "ratio": r["ratio"],
+                       "per_backend_ratio": {n: b["ratio_to_tracker_p99"] for n, b in r["per_backend"].items()},
+                       "points_lost": r["points_lost"], "direct_points_lost": r["direct_points_lost"],
+                       "machine": r["machine"]} for r in runs]  # fmt: skip
+    for key in ("direct_p99_s", "tracker_p99_s", "ratio"):
+        out[f"{key}_median"] = statistics.median(r[key] for r in runs)
+    out["per_backend_ratio_median"] = {
+        name: statistics.median(r["per_backend"][name]["ratio_to_tracker_p99"] for r in runs) for name in out["per_backend"]
+    }
+    out["points_lost"] = sum(r["points_lost"] for r in runs)
+    out["direct_points_lost"] = sum(r["direct_points_lost"] for r in runs)
+    out["target_met"] = out["ratio_median"] >= out["target_ratio"] and out["points_lost"] == 0
+    out["backends_meeting_target"] = sorted(n for n, v in out["per_backend_ratio_median"].items() if v >= 100.0)
+    return out
+
+
 def parse_backends(text: str) -> list[str]:
     chosen = list(BACKENDS) if text == "all" else [b.strip() for b in text.split(",") if b.strip()]
     unknown = [b for b in chosen if b not in BACKENDS]
@@ -713,6 +737,8 @@ def main() -> int:
     )  # fmt: skip
     parser.add_argument("--backends", type=parse_backends, default=list(BACKENDS), dest="backend_list",
                         help=f"comma-separated, or 'all' (default): {','.join(BACKENDS)}")  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="direct/tracker pairs, the first of each pair alternating; medians reported")  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--mode", choices=("direct", "tracker"), help=argparse.SUPPRESS)
@@ -729,12 +755,15 @@ def main() -> int:
         return 0
 
     tmp = Path(tempfile.mkdtemp(prefix="rlrun-bench-"))
-    start, load_before = time.perf_counter(), load_avg()
+    runs = []
     try:
-        direct = run_mode("direct", tmp / "direct", args)
-        tracker = run_mode("tracker", tmp / "tracker", args)
-        machine = {"wall_s": time.perf_counter() - start, "load_before": load_before, "load_after": load_avg()}
-        result = report(args, direct, tracker, machine)
+        for i in range(args.repeats):
+            start, load_before, raw = time.perf_counter(), load_avg(), {}
+            for mode in ("direct", "tracker") if i % 2 == 0 else ("tracker", "direct"):
+                raw[mode] = run_mode(mode, tmp / f"{mode}_{i}", args)
+            machine = {"wall_s": time.perf_counter() - start, "load_before": load_before, "load_after": load_avg()}
+            runs.append(report(args, raw["direct"], raw["tracker"], machine))
+        result = with_medians(runs)
     finally:
         if args.keep:
             print(f"files kept in {tmp}")

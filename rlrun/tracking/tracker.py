@@ -49,8 +49,8 @@ class Tracker:
         **context: Any,
     ) -> None:
         """`doctor`: the run's `doctor` config (None: no doctor); `on_stop(reason)` is called, from
-        the doctor's thread, for a finding of a rule in `doctor.stop_on`. `context`: the other
-        fields of `TrackerContext` (resume_ids, max_table_rows, ...)."""
+        the jsonl writer's thread (where the doctor runs), for a finding of a rule in
+        `doctor.stop_on`. `context`: the other fields of `TrackerContext` (resume_ids, ...)."""
         self.job = job
         self.rank = _dist_rank() if rank is None else rank
         self.timer = StepTimer()
@@ -181,7 +181,7 @@ class Tracker:
         self.finish()
 
     def _alert(self, alert: Alert) -> None:
-        """A doctor finding (on the doctor's thread): to every backend; a stop if the rule says so."""
+        """A doctor finding (on the jsonl writer's thread): to every backend; a stop if the rule says so."""
         for worker in self.workers.values():
             worker.submit(Event("alert", alert))
         if alert.stop and self.on_stop is not None:
