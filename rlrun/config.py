@@ -77,6 +77,9 @@ class RunConfig:
     output_dir: Optional[str] = None  # default: Hydra's run / sweep-job directory
     resume_from: Optional[str] = None
     log_level: str = checked("INFO", one_of=LEVELS)
+    # Local single-process jobs are forked from one interpreter that imported torch and
+    # transformers once (rlrun.launcher.zygote); false: every job is a fresh subprocess.
+    preload_imports: bool = True
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)

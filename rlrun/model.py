@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlrun.rundir import publish_dir, staging_dir
+from rlrun.rundir import model_dir, publish_dir, staging_dir
 
 if TYPE_CHECKING:
     from rlrun.config import ModelConfig
@@ -106,15 +106,23 @@ def build_tiny_model(out_dir: str | Path, cfg: "ModelConfig", seed: int, alphabe
 
 
 def resolve_model_path(cfg: "ModelConfig", run_dir: str | Path, seed: int, alphabet_extra: str = "") -> Path:
-    """Where the policy lives: `<run_dir>/model` for `tiny` (built once), `model.path` for `hf`."""
-    if cfg.name == "tiny":
-        path = Path(run_dir) / "model"
-        if not (path / "config.json").is_file():
-            build_tiny_model(path, cfg, seed, alphabet_extra)
-        return path
-    if not cfg.path:
-        raise ValueError("model.path is required with model=hf")
-    return Path(str(cfg.path)).expanduser()
+    """`model_dir`, with the tiny model built there first if it is not yet.
+
+    The jobs that load the model (inference, trainer, SFT) call this at once when a run
+    starts, so the build takes a lock: the first one builds, the others wait, then load it.
+    """
+    path = model_dir(cfg, run_dir)
+    if cfg.name == "tiny" and not (path / "config.json").is_file():
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock_file = path.parent / f".{path.name}.lock"
+        with open(lock_file, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (path / "config.json").is_file():
+                build_tiny_model(path, cfg, seed, alphabet_extra)
+                lock_file.unlink()  # whoever still waits on it finds the model built; later callers never lock
+    return path
 
 
 # ---------------------------------------------------------------- loading any causal LM
@@ -127,6 +135,30 @@ def policy_path(cfg: Any, run_dir: str | Path) -> Path:
 
         return sft_model_dir(run_dir)
     return resolve_model_path(cfg.model, run_dir, cfg.seed)
+
+
+def wait_for_policy(cfg: Any, run_dir: str | Path, timeout_s: float, check: Any = None) -> Path:
+    """The policy's directory once a job that loads the model has built it (the orchestrator
+    only needs its tokenizer: building the model itself would import transformers' modeling
+    code for nothing). `check()` runs between looks and may raise to give up."""
+    from rlrun.rundir import wait_for
+
+    if cfg.sft.max_steps > 0:
+        from rlrun.sft import sft_model_dir
+
+        path = sft_model_dir(run_dir)
+    else:
+        path = model_dir(cfg.model, run_dir)
+        if cfg.model.name != "tiny":  # a directory or hub id given by the user: nothing to wait for
+            return path
+
+    def built() -> bool:
+        if check is not None:
+            check()
+        return (path / "config.json").is_file()
+
+    wait_for(built, f"the policy in {path}", timeout_s, max_poll_s=0.05)
+    return path
 
 
 def _looks_local(path: str) -> bool:

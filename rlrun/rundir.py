@@ -24,6 +24,15 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 _STAGING = re.compile(r"^\.step_\d+\.(?:tmp|old)-(\d+)$")
 
 
+def model_dir(cfg: Any, run_dir: str | Path) -> Path:
+    """Where the policy lives, built or not: `<run_dir>/model` for `tiny`, `model.path` for `hf`."""
+    if cfg.name == "tiny":
+        return Path(run_dir) / "model"
+    if not cfg.path:
+        raise ValueError("model.path is required with model=hf")
+    return Path(str(cfg.path)).expanduser()
+
+
 def job_log(run_dir: str | Path, job: str, rank: int = 0) -> Path:
     """The text log of a job: logs/<job>.log, logs/{trainer,sft}/rank_<N>.log, logs/inference.stdout."""
     logs = Path(run_dir) / "logs"

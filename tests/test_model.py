@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -135,6 +137,18 @@ def test_resolve_tiny_builds_once(tmp_path):
     assert resolve_model_path(ModelConfig(), tmp_path, seed=3) == path
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
     assert not [p for p in os.listdir(tmp_path) if p != "model"]  # no temporary leftovers
+
+
+def test_jobs_resolving_the_tiny_model_at_once_build_it_once(tmp_path):
+    """Inference, trainer and SFT all resolve it as a run starts: one builds, the others wait."""
+    code = ("import os, sys; from rlrun.config import ModelConfig; from rlrun.model import resolve_model_path; "
+            "p = resolve_model_path(ModelConfig(), sys.argv[1], seed=3); print(os.stat(p / 'model.safetensors').st_ino)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]  # fmt: skip
+    inodes = {p.communicate(timeout=120)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert len(inodes) == 1, "a second build would have replaced the weights file"
+    assert sorted(os.listdir(tmp_path)) == ["model"], "no lock or temporary folder left"
 
 
 def test_chat_prompts_go_through_the_chat_template_when_the_tokenizer_has_one():

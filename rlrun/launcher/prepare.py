@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rlrun.redact import extract_secrets, redact, register_secret, scrub
-from rlrun.rundir import SUBDIRS, remove_after, resume_step
+from rlrun.rundir import SUBDIRS, model_dir, remove_after, resume_step
 
 # Carried over from the run being resumed, so the jobs continue the same tracker runs.
 RESUMED_IDS = ("logger.mlflow.run_id", "logger.mlflow.tracking_uri", "logger.wandb.id")
@@ -38,7 +38,6 @@ def settle(cfg: DictConfig, run_dir: Path, log: Any) -> DictConfig:
     """Settle everything jobs must agree on, and write `<run>/config.yaml` (secrets redacted)."""
     from rlrun.config import fill_job_log_extras
     from rlrun.inference.launch import choose_port
-    from rlrun.model import resolve_model_path
     from rlrun.tracking.runs import prepare_runs
 
     cfg = cfg.copy()
@@ -49,8 +48,8 @@ def settle(cfg: DictConfig, run_dir: Path, log: Any) -> DictConfig:
     prepare_runs(cfg.logger, cfg.name, run_dir, log.info)
     choose_port(cfg)
     fill_job_log_extras(cfg)  # the record shows what each job logs
-    model_path = resolve_model_path(cfg.model, run_dir, cfg.seed)  # builds the tiny model once
-    log.info(f"policy: {model_path}")
+    # The tiny model is built by the first job that loads it: the parent imports no torch.
+    log.info(f"policy: {model_dir(cfg.model, run_dir)}")
     resolved = OmegaConf.to_container(cfg, resolve=True)
     OmegaConf.save(OmegaConf.create(redact(resolved)), run_dir / "config.yaml")
     return cfg

@@ -70,6 +70,8 @@ def _start_and_watch(cfg: DictConfig, run_dir: Path, launch: Any, log: Any) -> i
     stop = StopFlag().install()
     sup = Supervisor(run_dir, log=log.info)
     env = {**secrets_env(cfg), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if cfg.preload_imports:
+        sup.preload(preload_modules(cfg), env)
     config = ["--config", str(run_dir / "config.yaml")]
     progress = monitor = None
     code = EXIT_OK
@@ -123,6 +125,13 @@ def _start_and_watch(cfg: DictConfig, run_dir: Path, launch: Any, log: Any) -> i
         if monitor is not None:  # after the jobs: its last samples see them go; before the MLflow run ends
             monitor.close()
     return code
+
+
+def preload_modules(cfg: DictConfig) -> list[str]:
+    """What the local jobs import before their first step, imported once by the zygote."""
+    model = "transformers.models.llama.modeling_llama" if cfg.model.name == "tiny" else "transformers.modeling_utils"
+    jobs = ["rlrun.inference.engine", "rlrun.inference.server", "rlrun.orchestrator.loop", "rlrun.trainer.loop"]
+    return ["torch", "rlrun.model", model, "transformers.models.auto.tokenization_auto", *jobs]
 
 
 def _ranked_command(module: str, num_ranks: int, config: list[str]) -> list[str]:

@@ -18,8 +18,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rlrun.job import PARENT_PID_ENV
+
+if TYPE_CHECKING:
+    from rlrun.launcher.zygote import ForkedProcess, Zygote
 
 
 @dataclass
@@ -29,7 +33,7 @@ class Job:
     log_file: Path  # the job's own text log, named in failure messages
     stdout_file: Path  # where its stdout and stderr go
     env: dict[str, str] = field(default_factory=dict)
-    proc: subprocess.Popen | None = None
+    proc: subprocess.Popen | ForkedProcess | None = None
 
     @property
     def returncode(self) -> int | None:
@@ -71,17 +75,36 @@ class Supervisor:
         self.run_dir = run_dir
         self.jobs: list[Job] = []
         self.log = log
+        self.zygote: Zygote | None = None
+
+    @staticmethod
+    def _env(extra: dict[str, str]) -> dict[str, str]:
+        return {**os.environ, **extra, PARENT_PID_ENV: str(os.getpid()), "PYTHONUNBUFFERED": "1"}
+
+    def preload(self, modules: list[str], env: dict[str, str]) -> None:
+        """Start importing `modules` now in a zygote: later `python -m` jobs that add `env` to
+        the environment are forked from it with those modules loaded (`rlrun.launcher.zygote`)."""
+        from rlrun.launcher.zygote import Zygote
+
+        self.zygote = Zygote(modules, self._env(env), env, stderr=self.run_dir / "logs" / "zygote.log")
 
     def start(self, job: Job) -> Job:
         job.stdout_file.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **job.env, PARENT_PID_ENV: str(os.getpid()), "PYTHONUNBUFFERED": "1"}
-        with open(job.stdout_file, "ab") as out:
-            job.proc = subprocess.Popen(
-                job.cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, start_new_session=True,
-            )  # fmt: skip
+        env = self._env(job.env)
+        how = ""
+        if self.zygote is not None and self.zygote.accepts(job.cmd, job.env):
+            try:
+                job.proc, how = self.zygote.start(job.cmd, job.stdout_file, env), ", forked from the zygote"
+            except RuntimeError as exc:
+                self.log(f"{exc}; starting {job.name} as a subprocess")
+        if job.proc is None:
+            with open(job.stdout_file, "ab") as out:
+                job.proc = subprocess.Popen(
+                    job.cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    env=env, start_new_session=True,
+                )  # fmt: skip
         self.jobs.append(job)
-        self.log(f"started {job.name} (pid {job.proc.pid}): log {_relative(job.log_file, self.run_dir)}")
+        self.log(f"started {job.name} (pid {job.proc.pid}{how}): log {_relative(job.log_file, self.run_dir)}")
         return job
 
     def running_pids(self) -> dict[str, int]:
@@ -136,6 +159,8 @@ class Supervisor:
         deadline = time.monotonic() + 3.0
         while time.monotonic() < deadline and any(self._group_alive(job) for job in groups):
             time.sleep(0.02)
+        if self.zygote is not None:  # after the jobs: it reaps them
+            self.zygote.close()
 
     @staticmethod
     def _group_alive(job: Job) -> bool:

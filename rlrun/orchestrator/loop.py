@@ -38,7 +38,7 @@ class Orchestrator:
         from rlrun.envs.workers import EnvWorkerPool
         from rlrun.inference.client import InferenceClient
         from rlrun.log import get_logger
-        from rlrun.model import load_tokenizer, policy_path, special_token_bias
+        from rlrun.model import load_tokenizer, special_token_bias, wait_for_policy
         from rlrun.orchestrator.eval import Evaluator
         from rlrun.tracking import Tracker
         from rlrun.tracking.record import read_metrics
@@ -46,7 +46,8 @@ class Orchestrator:
         self.cfg, self.ocfg, self.run_dir, self.stop = cfg, cfg.orchestrator, run_dir, stop
         self.xcfg = self.ocfg.log_extras  # this job's log_extras (the top-level group unless overridden)
         self.log = get_logger()
-        self.tokenizer = load_tokenizer(policy_path(cfg, run_dir), cfg.model.trust_remote_code)
+        policy = wait_for_policy(cfg, run_dir, cfg.inference.startup_timeout_s, check=stop.check)  # built by inference or trainer
+        self.tokenizer = load_tokenizer(policy, cfg.model.trust_remote_code)
         self.env = load_task(cfg.task)  # a Mixture of the task's environments (often one)
         # What is emitted is what is scored: no special token but EOS unless asked for.
         self.logit_bias = {} if self.ocfg.allow_special_tokens else special_token_bias(self.tokenizer)

@@ -58,7 +58,7 @@ class SftTrainer:
         self.cfg, self.scfg, self.run_dir, self.stop, self.ranks = cfg, cfg.sft, run_dir, stop, ranks
         self.log = get_logger()
         torch.manual_seed(cfg.seed)
-        if ranks.rank == 0:  # rank 0 first: with model=tiny it builds <run>/model when the parent has not
+        if ranks.rank == 0:  # rank 0 first: with model=tiny it builds <run>/model unless another job has
             resolve_model_path(cfg.model, run_dir, cfg.seed)
         barrier(ranks)
         self.model_path = resolve_model_path(cfg.model, run_dir, cfg.seed)

@@ -64,7 +64,7 @@ class Trainer:
         self.cfg, self.tcfg, self.run_dir, self.stop, self.ranks = cfg, cfg.trainer, run_dir, stop, ranks
         self.log = get_logger()
         torch.manual_seed(cfg.seed)
-        # Rank 0 first: with model=tiny it builds <run>/model when the parent has not.
+        # Rank 0 first: with model=tiny it builds <run>/model unless another job has.
         if ranks.rank == 0:
             resolve_model_path(cfg.model, run_dir, cfg.seed)
         barrier(ranks)
