@@ -151,12 +151,21 @@ class Engine:
             attention_mask[i, width - len(prompt) :] = 1
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
+        # Inverse-CDF sampling with one uniform draw per row and step, all drawn up front from
+        # the row's own generator (one call per row, not per row and token): a seeded sequence
+        # samples the same tokens whatever it is batched with.
+        steps = int(max_new.max())
+        draws = torch.zeros((B, steps), dtype=torch.float64)
+        for i, (p, g) in enumerate(zip(params, generators)):
+            draws[i, : p.max_tokens] = torch.rand(p.max_tokens, generator=g, dtype=torch.float64)
+        draws = draws.to(dev)
+
         past = None
         lengths = torch.zeros(B, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         stopped = torch.zeros(B, dtype=torch.bool, device=dev)
         sampled, sampled_logp, tops = [], [], []
-        for _ in range(int(max_new.max())):
+        for t in range(steps):
             out = self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -168,16 +177,14 @@ class Engine:
             logits = out.logits[:, -1, :].float()
             if biased:
                 if bias is None:
-                    bias = torch.stack([bias_tensor(p.logit_bias, logits.shape[-1], dev) for p in params])
+                    per_request = {id(p): bias_tensor(p.logit_bias, logits.shape[-1], dev) for p in params}  # rows share one
+                    bias = torch.stack([per_request[id(p)] for p in params])
                 logits = logits + bias
             logp = torch.log_softmax(logits / temperature[:, None], dim=-1)
 
-            # Inverse-CDF sampling with one uniform draw per row and step from the row's own
-            # generator: a seeded sequence samples the same tokens whatever it is batched with.
             # (right=True: a token of probability 0 is never picked.)
-            u = torch.tensor([torch.rand(1, generator=g, dtype=torch.float64).item() for g in generators], device=dev)
             cdf = logp.double().exp().cumsum(-1)
-            token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+            token = torch.searchsorted(cdf, (draws[:, t] * cdf[:, -1])[:, None], right=True).squeeze(-1)
             token = torch.where(greedy, logp.argmax(-1), token.clamp(max=cdf.shape[-1] - 1))
             sampled.append(token)
             sampled_logp.append(logp.gather(-1, token[:, None]).squeeze(-1))
