@@ -15,7 +15,10 @@ without the suppression, rlrun under the same bias as its sampler.
 rlrun: `python -m rlrun` (its default split into inference + orchestrator + trainer
 processes, one torch thread each, max_async_steps=1). TRL: one process, GRPOTrainer with
 transformers' generate, torch threads = all cores. Samples/s = 128 / steady-state step time
-(steps after --skip); reward = mean training reward of the last 10 steps. --repeats pairs
+(steps after --skip); reward = mean training reward of the last 10 steps. Where the time
+goes, per step: TRL's own phases (`_generate`, `_generate_and_score_completions`, the whole
+training step), timed in a GRPOTrainer subclass, next to rlrun's per-job phase times (its
+generation and training overlap: each job has one core). --repeats pairs
 (rlrun then TRL, alternating, each after an idle CPU, the load recorded); the figures are
 medians, the ratio's spread over the pairs is kept.
 Results: benchmarks/results/trl.json. Needs the bench extra: pip install -e '.[bench]'.
@@ -82,10 +85,6 @@ def trl_child(out: Path, steps: int, skip: int) -> None:
 
     times: list[float] = []
 
-    class StepTimes(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            times.append(time.perf_counter())
-
     config = GRPOConfig(
         output_dir=str(out / "trl"), max_steps=steps, per_device_train_batch_size=BATCH * GROUP,
         gradient_accumulation_steps=1, num_generations=GROUP, max_completion_length=MAX_TOKENS,
@@ -95,8 +94,34 @@ def trl_child(out: Path, steps: int, skip: int) -> None:
         scale_rewards="group", num_iterations=1, shuffle_dataset=False, seed=SEED, use_cpu=True, bf16=False,
         fp16=False, gradient_checkpointing=False, logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
     )  # fmt: skip
-    trainer = GRPOTrainer(model=model, reward_funcs=[lcs], args=config, train_dataset=Dataset.from_list(rows),
-                          processing_class=tokenizer, callbacks=[StepTimes()])
+    phases: dict[str, list[float]] = {"generate": [], "generate_and_score": [], "step": []}
+
+    class TimedGRPOTrainer(GRPOTrainer):
+        """Times TRL's own phases: sampling (`_generate`), sampling + rewards + advantages, and
+        the whole training step (the rest of it is the forward/backward and optimizer)."""
+
+        def _generate(self, *a, **k):
+            t = time.perf_counter()
+            out = super()._generate(*a, **k)
+            phases["generate"].append(time.perf_counter() - t)
+            return out
+
+        def _generate_and_score_completions(self, *a, **k):
+            t = time.perf_counter()
+            out = super()._generate_and_score_completions(*a, **k)
+            phases["generate_and_score"].append(time.perf_counter() - t)
+            return out
+
+    class StepTimes(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            phases.setdefault("_begin", []).append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter())
+            phases["step"].append(times[-1] - phases["_begin"][-1])
+
+    trainer = TimedGRPOTrainer(model=model, reward_funcs=[lcs], args=config, train_dataset=Dataset.from_list(rows),
+                               processing_class=tokenizer, callbacks=[StepTimes()])
     start = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - start
@@ -107,6 +132,10 @@ def trl_child(out: Path, steps: int, skip: int) -> None:
         "step_s": steady, "train_wall_s": total, "steps": len(times), "rewards": rewards,
         "mean_lengths": lengths, "torch_threads": torch.get_num_threads(), "prompts_match_rlrun": prompts_match,
         "example_prompt_ids": tokenizer(rows[0]["prompt"])["input_ids"],
+        "phases_s": {k: statistics.fmean(v[skip:]) for k, v in phases.items() if not k.startswith("_") and v[skip:]},
+        "settings": {"torch_threads": torch.get_num_threads(), "generation": "transformers generate, the whole "
+                     f"batch of {BATCH * GROUP} at once", "gradient_checkpointing": False, "dtype": "float32",
+                     "dataloader_num_workers": 0},
     }))
 
 
@@ -170,6 +199,13 @@ def main() -> int:
         print(f"rlrun / TRL samples/s: median {result['ratio']:.2f} over {args.repeats} pairs "
               f"({result['ratio_min']:.2f}-{result['ratio_max']:.2f}); target >= {TARGET_RATIO} with at least equal "
               f"reward: {'met' if result['met'] else 'missed'}")
+    if result["pairs"] and "trl" in result["pairs"][0]:  # the median pair's phases explain the ratio
+        mid = sorted(result["pairs"], key=lambda p: p["ratio"])[len(result["pairs"]) // 2]
+        result["median_pair_phases_s"] = {"rlrun": mid["rlrun"]["phases_s"], "trl": mid["trl"].get("phases_s", {})}
+        print("\nwhere a step's time goes, median pair (s per step; rlrun's two jobs run at once, each on one core):")
+        print(table([[f"rlrun {k}", v] for k, v in mid["rlrun"]["phases_s"].items()]
+                    + [[f"TRL {k}", v] for k, v in mid["trl"].get("phases_s", {}).items()]
+                    + [["rlrun step", mid["rlrun"]["step_s"]], ["TRL step", mid["trl"]["step_s"]]], ["phase", "s"]))
     print(f"wrote {write_json('trl', result)}")
     return 0
 
@@ -179,7 +215,13 @@ def rlrun_side(overrides: list[str], samples: int, skip: int) -> dict:
         run = run_rlrun(Path(tmp) / "run", overrides)  # waits for an idle CPU, records the load
     s = summarize(run, skip)
     rewards = [r["metrics"]["reward"] for r in run["orchestrator"]]
-    return {"samples_per_s": samples / s["step_s"], "step_s": s["step_s"], "reward_last10": mean(rewards[-10:]),
+    o, t = s["orchestrator"], s["trainer"]
+    phases = {"generate": o["generate_s"], "score": o["score_s"], "write_batch": o["write_batch_s"],
+              "update_weights": o["update_weights_s"], "wait_for_weights": o["wait_for_weights_s"],
+              "forward_backward": t["forward_backward_s"], "optimizer_step": t["optimizer_step_s"],
+              "save_weights": t["save_weights_s"], "wait_for_batch": t["wait_for_batch_s"]}  # fmt: skip
+    return {"samples_per_s": samples / s["step_s"], "step_s": s["step_s"], "phases_s": phases,
+            "reward_last10": mean(rewards[-10:]),
             "rewards": rewards, "wall_s": run["wall_s"], "machine_before": run["machine_before"],
             "loadavg_1m_after": run["loadavg_1m_after"]}  # fmt: skip
 

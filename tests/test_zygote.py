@@ -96,3 +96,17 @@ def test_a_module_that_cannot_be_preloaded_is_reported_and_jobs_still_fork(tmp_p
         assert "could not preload no_such_module_xyz" in (tmp_path / "logs" / "zygote.log").read_text()
     finally:
         sup.stop_all(2.0)
+
+
+@pytest.mark.parametrize("preload", [True, False])
+def test_a_run_forks_its_jobs_from_the_zygote_unless_told_not_to(tmp_path, preload):
+    from conftest import metrics, run_app
+
+    run_dir = tmp_path / "run"
+    out = run_app(run_dir, "sft.max_steps=0", "max_steps=2", f"preload_imports={str(preload).lower()}", timeout=180)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    started = [line for line in (run_dir / "logs" / "rl.log").read_text().splitlines() if "started " in line]
+    assert len(started) == 3
+    assert all(("forked from the zygote" in line) == preload for line in started), started
+    assert [r["step"] for r in metrics(run_dir, "trainer")] == [1, 2]
+    assert (run_dir / "model" / "config.json").is_file() and not (run_dir / ".model.lock").exists()
