@@ -70,7 +70,7 @@ def _start_and_watch(cfg: DictConfig, run_dir: Path, launch: Any, log: Any) -> i
     stop = StopFlag().install()
     sup = Supervisor(run_dir, log=log.info)
     env = {**secrets_env(cfg), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    if cfg.preload_imports:
+    if cfg.preload_imports and _cpu_only(cfg):
         sup.preload(preload_modules(cfg), env)
     config = ["--config", str(run_dir / "config.yaml")]
     progress = monitor = None
@@ -125,6 +125,13 @@ def _start_and_watch(cfg: DictConfig, run_dir: Path, launch: Any, log: Any) -> i
         if monitor is not None:  # after the jobs: its last samples see them go; before the MLflow run ends
             monitor.close()
     return code
+
+
+def _cpu_only(cfg: DictConfig) -> bool:
+    """No job of the run touches CUDA: a forked child cannot use a CUDA its parent may have
+    initialised, so GPU runs start every job as a fresh subprocess."""
+    inference_cpu = cfg.inference.backend == "local" and str(cfg.inference.get("device", "cpu")) == "cpu"
+    return inference_cpu and cfg.trainer.device == "cpu"  # the SFT job runs on the trainer's device
 
 
 def preload_modules(cfg: DictConfig) -> list[str]:
