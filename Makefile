@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 ARGS   ?=
 
-.PHONY: run test bench mlflow-ui tensorboard clean-outputs
+.PHONY: run test bench gpu-wheels mlflow-ui tensorboard clean-outputs
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,21 @@ $(VENV)/.installed-bench: pyproject.toml | $(VENV)/bin/python
 BENCHES ?= startup overlap bare_loop trl_compare scaling tracker tracker_load default_quality environments doctor soak
 bench: $(VENV)/.installed-bench
 	@set -e; for b in $(BENCHES); do echo "== benchmarks/$$b.py"; $(PY) benchmarks/$$b.py $(ARGS); done
+
+# Wheels for scripts/gpu_check.sh on a GPU machine without network (Python 3.12, x86-64): what
+# rlrun's console / jsonl / TensorBoard path imports and that machine's image lacks (its torch,
+# transformers, tensorboard, nvidia-ml-py, psutil, rich, PyYAML and pytest are used as they are).
+# Pinned to this project's tested versions; antlr4's runtime has only an sdist on PyPI, so its
+# (pure-Python) wheel is built here. Into .whl/ (ignored by git), carried with the working tree.
+GPU_WHEELS      ?= hydra-core==1.3.8 omegaconf==2.3.1 loguru==0.7.3
+GPU_WHEELS_SDIST ?= antlr4-python3-runtime==4.9.3
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl $(GPU_WHEELS)
+	$(PYTHON) -m pip wheel -q --no-deps -w .whl $(GPU_WHEELS_SDIST)
+	@ls -l .whl && du -sh .whl
 
 mlflow-ui: $(VENV)/.installed
 	$(PY) -m mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db \

@@ -52,7 +52,9 @@ LoggerConfig = logger_schema()  # one field per registered tracker backend (rlru
 class ModelConfig:
     name: str = checked("tiny", one_of=("tiny", "hf"))  # tiny: built by rlrun; hf: any causal LM directory or hub id
     path: Optional[str] = None
-    dtype: str = "float32"
+    # Weights and compute of inference; the jobs that train keep fp32 weights and compute in this
+    # dtype under autocast when it is bfloat16 or float16 (rlrun/trainer/precision.py). auto: the checkpoint's.
+    dtype: str = checked("float32", one_of=("float32", "bfloat16", "float16", "auto"))
     trust_remote_code: bool = False
     # Shape of the built-in tiny Llama (ignored for `hf`).
     hidden_size: int = 64

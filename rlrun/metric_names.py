@@ -3,7 +3,7 @@ enabled tracker backend can take them all (`check_metric_names`, run by the laun
 
 Names follow the config: per environment (`<env>/...`, with several), per reward function
 (`rewards/<fn>/*`, where the environment declares its functions: `Environment.reward_names`),
-per pass@k, per job (`system/rss_mb/<job>`). The list is a superset of what a run logs (a
+per pass@k, per job (`system/rss_mb/<job>`, `gpu/<i>/job_memory_used_gb/<job>`). The list is a superset of what a run logs (a
 metric logged only on CUDA is listed anyway); tests hold it against every name real runs log.
 """
 
@@ -87,6 +87,7 @@ def planned_metrics(cfg: Any) -> dict[str, JobMetrics]:
     monitor = list(SYSTEM) + [f"system/{m}/{job}" for m in ("rss_mb", "job_cpu_percent") for job in MONITOR_JOBS]
     if cfg.monitor.gpu:
         monitor += [f"gpu/{i}/{s}" for i in range(MAX_GPUS_LISTED) for s in GPU_STATS] + [f"gpu/node/{s}" for s in GPU_NODE]
+        monitor += [f"gpu/{i}/job_memory_used_gb/{job}" for i in range(MAX_GPUS_LISTED) for job in MONITOR_JOBS]
 
     plan = {
         "orchestrator": JobMetrics(orchestrator, ["distributions/reward", "distributions/advantage",

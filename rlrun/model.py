@@ -276,18 +276,23 @@ def _alias_groups(state: dict[str, torch.Tensor]) -> list[list[str]]:
     return [names for names in groups.values() if len(names) > 1]
 
 
-def save_weights(model: torch.nn.Module, out_dir: str | Path, metadata: dict[str, str] | None = None) -> Path:
+def save_weights(model: torch.nn.Module, out_dir: str | Path, metadata: dict[str, str] | None = None,
+                 dtype: str | None = None) -> Path:  # fmt: skip
     """Write `model.state_dict()` to `<out_dir>/model.safetensors`, atomically.
 
     Tied tensors are stored once (safetensors refuses shared storage); `load_weights` puts
     them back. Written to a staging folder and renamed, so a reader never sees half of it.
+    `dtype` (e.g. `bfloat16`): floating tensors are cast to it (the reader's dtype; half the
+    bytes of fp32 master weights); None keeps the model's.
     """
     model = getattr(model, "module", model)  # DDP-wrapped or not
     state = model.state_dict()
     for names in _alias_groups(state):
         for alias in names[1:]:
             del state[alias]
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    cast = getattr(torch, dtype) if dtype else None
+    tensors = {k: v.detach().to("cpu", cast if cast is not None and v.is_floating_point() else v.dtype).contiguous()
+               for k, v in state.items()}  # fmt: skip
     out_dir = Path(out_dir)
     tmp = staging_dir(out_dir)
     save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)

@@ -103,6 +103,8 @@ def test_validate_names_group_size(hydra_compose):
     ("trainer.loss_type=ppo", "trainer.loss_type"), ("orchestrator.scale_rewards=rank", "orchestrator.scale_rewards"),
     ("trainer.keep_last=1", "trainer.keep_last"), ("log_extras.interval=0", "log_extras.interval"),
     ("orchestrator.log_extras.interval=0", "orchestrator.log_extras.interval"), ("log_level=LOUD", "log_level"),
+    ("inference.gpu_memory_fraction=1.5", "inference.gpu_memory_fraction"),
+    ("inference.gpu_memory_fraction=0", "inference.gpu_memory_fraction"), ("model.dtype=bf16", "model.dtype"),
 ])  # fmt: skip
 def test_value_rules_on_the_fields_name_the_key(hydra_compose, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.") + "="):

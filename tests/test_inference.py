@@ -241,7 +241,7 @@ def _start_job(tmp_path: Path, tiny_model: Path) -> tuple[subprocess.Popen, int,
     out.parent.mkdir(parents=True)
     proc = subprocess.Popen(
         [sys.executable, "-m", "rlrun.inference", "--config", str(config), f"output_dir={run}", "log_level=DEBUG",
-         f"inference.port={port}", "inference.max_batch_size=64"],
+         f"inference.port={port}", "inference.max_batch_size=64", "inference.gpu_memory_fraction=0.3"],
         cwd=ROOT, stdout=out.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     return proc, port, out
@@ -288,6 +288,27 @@ def test_inference_job_serves_updates_weights_and_stops(tmp_path, tiny_model):
             os.killpg(proc.pid, signal.SIGKILL)
     log = out.read_text()
     assert "serving tiny on http://127.0.0.1:" in log and "inference server stopped" in log
+    assert "inference.gpu_memory_fraction=0.3 ignored: inference.device=cpu" in log, "a GPU-only bound, said on the CPU"
+
+
+@pytest.mark.gpu
+def test_gpu_memory_fraction_bounds_the_inference_process():
+    """`inference.gpu_memory_fraction`: past it, torch's allocator refuses, whatever the GPU has free."""
+    import logging
+
+    from rlrun.inference.__main__ import limit_gpu_memory
+
+    log = logging.getLogger("test")
+    total = torch.cuda.get_device_properties(0).total_memory
+    try:
+        assert limit_gpu_memory("cuda", 0.05, log)
+        small = torch.empty(int(0.02 * total), dtype=torch.uint8, device="cuda")  # within the bound
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(int(0.10 * total), dtype=torch.uint8, device="cuda")
+        del small
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
+        torch.cuda.empty_cache()
 
 
 def test_wait_healthy_notices_a_dead_server(tmp_path):

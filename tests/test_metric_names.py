@@ -31,6 +31,8 @@ def test_every_default_name_passes_every_backend(hydra_compose):
     assert {"eval/pass@8", "eval/avg@8", "rewards/exact/mean", "reverse_text/errors/score"} <= set(
         plan["orchestrator"].scalars)
     assert "mismatch/kl" in plan["trainer"].scalars and "gpu/0/utilization" in plan["monitor"].scalars
+    # Jobs sharing one GPU: each one's memory there, beside (never under) the device's `gpu/0/memory_used_gb`.
+    assert {"gpu/0/job_memory_used_gb/inference", "gpu/0/job_memory_used_gb/trainer"} <= set(plan["monitor"].scalars)
     assert sanitize_key("orchestrator/eval/pass@8") == "orchestrator/eval/pass_8", "MLflow shows @ as _"
 
 

@@ -218,8 +218,10 @@ class _NvmlError(Exception):
     pass
 
 
-def _fake_nvml(count: int = 2, *, init_error: bool = False, no_power: tuple[int, ...] = ()) -> types.ModuleType:
-    """Enough of pynvml (nvidia-ml-py) for the monitor: `count` GPUs of 80 GiB."""
+def _fake_nvml(count: int = 2, *, init_error: bool = False, no_power: tuple[int, ...] = (),
+               processes: dict[int, list[tuple[int, int | None]]] | None = None) -> types.ModuleType:  # fmt: skip
+    """Enough of pynvml (nvidia-ml-py) for the monitor: `count` GPUs of 80 GiB; `processes`:
+    per GPU, the (pid, bytes) NVML's per-process list gives (bytes None: NVML cannot say)."""
     nv = types.ModuleType("pynvml")
     nv.NVML_TEMPERATURE_GPU = 0
     nv.shutdowns = 0
@@ -243,6 +245,9 @@ def _fake_nvml(count: int = 2, *, init_error: bool = False, no_power: tuple[int,
     nv.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used=(h + 1) * 2**30, total=80 * 2**30)
     nv.nvmlDeviceGetPowerUsage = power
     nv.nvmlDeviceGetTemperature = lambda h, sensor: 40 + 5 * h
+    nv.nvmlDeviceGetComputeRunningProcesses = lambda h: [
+        types.SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in (processes or {}).get(h, [])
+    ]
     return nv
 
 
@@ -297,6 +302,45 @@ def test_gpu_indices_follow_cuda_visible_devices(tmp_path, monkeypatch):
     assert m["gpu/0/utilization"] == 50 and m["gpu/1/utilization"] == 30, "gpu/<i> is the CUDA ordinal"
 
 
+def test_jobs_sharing_one_gpu_each_get_their_memory_and_the_gpu_is_read_once(tmp_path, monkeypatch, job_process):
+    """Inference and trainer on one GPU: the device's figures once, each job's memory from NVML's
+    per-process list summed over its process tree (the trainer's rank is its child here)."""
+    inference = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        rank = psutil.Process(job_process.pid).children()[0].pid  # the trainer job's child: its "rank"
+        nv = _fake_nvml(count=1, processes={0: [(inference.pid, 3 * 2**30), (job_process.pid, 2**30),
+                                                (rank, 4 * 2**30), (999_999_999, 7 * 2**30)]})  # fmt: skip
+        monkeypatch.setitem(sys.modules, "pynvml", nv)
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        jobs = {"inference": inference.pid, "trainer": job_process.pid}
+        monitor = Monitor(_tracker(tmp_path), tmp_path, system=True, gpu=True, pids=lambda: jobs, **FAST)
+        m = monitor.sample()
+        monitor.close()
+    finally:
+        inference.kill()
+        inference.wait()
+    assert m["gpu/node/count"] == 1 and m["gpu/0/memory_used_gb"] == 1.0, "the device read once, as NVML gives it"
+    assert m["gpu/0/job_memory_used_gb/inference"] == 3.0
+    assert m["gpu/0/job_memory_used_gb/trainer"] == 5.0, "the job's own process and its child"
+    assert not [k for k in m if k.startswith("gpu/") and k.count("/") > 2 and not k.startswith("gpu/0/job_memory")]
+
+
+def test_no_per_process_memory_from_nvml_logs_none(tmp_path, monkeypatch, job_process):
+    """NVML lists the process but cannot say its memory (None), or the binding has no per-process list."""
+    jobs = {"trainer": job_process.pid}
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    for nv in (_fake_nvml(count=1, processes={0: [(job_process.pid, None)]}), _fake_nvml(count=1)):
+        if not nv.nvmlDeviceGetComputeRunningProcesses(0):
+            del nv.nvmlDeviceGetComputeRunningProcesses  # an old nvidia-ml-py
+        monkeypatch.setitem(sys.modules, "pynvml", nv)
+        warnings: list[str] = []
+        monitor = Monitor(_tracker(tmp_path), tmp_path, system=False, gpu=True, pids=lambda: jobs,
+                          warn=warnings.append, **FAST)  # fmt: skip
+        m = monitor.sample()
+        monitor.close()
+        assert "gpu/0/utilization" in m and not [k for k in m if "job_memory" in k] and not warnings, (m, warnings)
+
+
 def _nvml_gpu_count() -> int:
     try:
         import pynvml
@@ -321,6 +365,26 @@ def test_real_gpu_through_nvml(tmp_path):
     assert m["gpu/node/count"] >= 1 and m["gpu/node/memory_total_gb"] >= m["gpu/0/memory_total_gb"]
     assert "system/cpu_percent" in m
     assert not any("utilization" in w or "memory" in w for w in warnings), warnings
+
+
+@pytest.mark.gpu
+def test_real_gpu_memory_of_a_job_through_nvml(tmp_path):
+    """A real job holding 1 GiB of CUDA memory: NVML's per-process list gives it to that job."""
+    code = ("import torch, time; x = torch.empty(2**30, dtype=torch.uint8, device='cuda'); torch.cuda.synchronize(); "
+            "print('ready', flush=True); time.sleep(60)")  # fmt: skip
+    job = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert job.stdout.readline().strip() == "ready"
+        monitor = Monitor(_tracker(tmp_path), tmp_path, system=False, gpu=True, pids=lambda: {"trainer": job.pid}, **FAST)
+        listed = monitor._gpu.process_memory()
+        m = monitor.sample()
+        monitor.close()
+    finally:
+        job.kill()
+        job.wait()
+    if not any(listed.values()):
+        pytest.skip("NVML gives no per-process memory here (the metric is then left out, as designed)")
+    assert m["gpu/0/job_memory_used_gb/trainer"] >= 1.0, (m, listed)
 
 
 # ---------------------------------------------------------------- wiring

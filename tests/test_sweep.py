@@ -173,6 +173,12 @@ def test_gpus_of_the_allocation_must_fit_the_run(monkeypatch):
     assert "hydra.launcher.gpus_per_node=2" in sweep_job.check_allocation(cfg)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     assert sweep_job.check_allocation(cfg) is None
+    # One GPU shared: the local server on CUDA beside a one-rank CUDA trainer needs just that GPU.
+    one = _compose(["trainer.device=cuda", "inference.device=cuda", "inference.gpu_memory_fraction=0.3"])
+    with read_write(one), open_dict(one):
+        del one["hydra"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert sweep_job.gpus_needed(one) == 1 and sweep_job.check_allocation(one) is None
 
 
 def test_scontrol_states_without_accounting():

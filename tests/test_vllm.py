@@ -145,7 +145,8 @@ def test_split_gpus(visible, tp, ranks, expected):
 @pytest.mark.parametrize(
     "visible, tp, ranks, words",
     [
-        (["0", "1"], 2, 1, ["needs 3 GPUs", "2 for vLLM", "1 for the trainer", "2 visible (0,1)"]),
+        (["0", "1"], 2, 1, ["needs 3 GPUs", "2 for vLLM", "1 for the trainer", "2 visible (0,1)",
+                            "inference=local inference.device=cuda"]),
         (["0"], 2, 0, ["needs 2 GPUs", "1 visible"]),
         ([], 1, 0, ["needs 1 GPUs", "0 visible (none)"]),
         (["0", "1"], 0, 1, ["tensor_parallel_size=0"]),

@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         run_dir = Path(cfg.output_dir) if cfg.output_dir else Path(args.config).resolve().parent
         model_path = policy_path(cfg, run_dir)
+    limit_gpu_memory(cfg.inference.device, cfg.inference.gpu_memory_fraction, log)
     log.info(f"loading model from {model_path}")
     model, tokenizer = load_model(
         model_path, dtype=cfg.model.dtype, device=cfg.inference.device, trust_remote_code=cfg.model.trust_remote_code
@@ -59,6 +60,28 @@ def main(argv: list[str] | None = None) -> int:
     log.info("stop signal received; shutting down")
     server.shutdown()
     return 0
+
+
+def limit_gpu_memory(device: str, fraction: float | None, log) -> bool:
+    """Bound this process's CUDA allocations to `fraction` of `device`'s memory (before the model
+    loads), so a trainer sharing the GPU keeps the rest; True when a bound was set.
+
+    torch's caching allocator enforces it: past it, an allocation raises out-of-memory in this
+    process instead of taking the trainer's share. No-op (a debug line) off CUDA or without a fraction.
+    """
+    if fraction is None:
+        return False
+    if not str(device).startswith("cuda"):
+        log.debug(f"inference.gpu_memory_fraction={fraction} ignored: inference.device={device}")
+        return False
+    import torch
+
+    dev = torch.device(device)
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(float(fraction), index)
+    total = torch.cuda.get_device_properties(index).total_memory
+    log.info(f"inference: at most {fraction:.0%} of cuda:{index}'s memory ({fraction * total / 2**30:.1f} GiB)")
+    return True
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ class LocalInferenceConfig(InferenceConfig):
 
     device: str = "cpu"
     num_threads: int = 1  # torch intra-op threads of the server
+    # Share of the GPU's memory this server's torch may allocate (weights, KV cache), so that a
+    # trainer on the same GPU keeps the rest; None: no bound. Ignored on the CPU.
+    gpu_memory_fraction: Optional[float] = checked(None, gt=0, le=1)
 
 
 @dataclass

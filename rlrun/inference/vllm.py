@@ -122,8 +122,10 @@ def split_gpus(visible: list[str], tp: int, trainer_ranks: int) -> tuple[list[st
         trainer = f" + {trainer_ranks} for the trainer (trainer.num_ranks with trainer.device=cuda)" if trainer_ranks else ""
         raise VllmUnavailable(
             f"inference=vllm needs {need} GPUs on this node: {tp} for vLLM (inference.tensor_parallel_size){trainer}; "
-            f"{len(visible)} visible ({','.join(visible) or 'none'}). Inference and trainer never share a GPU: "
-            "lower inference.tensor_parallel_size or trainer.num_ranks, or train on the CPU (trainer.device=cpu)."
+            f"{len(visible)} visible ({','.join(visible) or 'none'}). vLLM shares no GPU with the trainer: "
+            "lower inference.tensor_parallel_size or trainer.num_ranks, train on the CPU (trainer.device=cpu), "
+            "or on one GPU use the local server beside the trainer (inference=local inference.device=cuda "
+            "inference.gpu_memory_fraction=0.3)."
         )
     return list(visible[:tp]), list(visible[tp:])
 

@@ -25,6 +25,12 @@ CUDA_VISIBLE_DEVICES when that is set), through NVML:
     gpu/<i>/power_w, gpu/<i>/temperature_c
     gpu/node/...                    this node: mean utilization, summed memory and power,
                                     hottest temperature, gpu/node/count
+    gpu/<i>/job_memory_used_gb/<job>    GPU memory of the job's process tree on GPU i, from
+                                    NVML's per-process list (jobs sharing one GPU, e.g. the
+                                    local inference server and a one-rank trainer, each get
+                                    theirs; the device's figures above are read once, never
+                                    per job). Absent where NVML gives no per-process memory
+                                    (some drivers, containers whose pids NVML does not see)
 
 Two x-axes in every sample: `system/elapsed_s` (wall seconds since the run's monitor first
 started; a resumed run continues from the last recorded value) and `system/train_step`
@@ -175,7 +181,26 @@ class Monitor:
             metrics.update(self._system())
         if self._gpu is not None:
             metrics.update(self._gpu.sample())
+            metrics.update(self._gpu_per_job())
         return metrics
+
+    def _gpu_per_job(self) -> dict[str, float]:
+        """`gpu/<i>/job_memory_used_gb/<job>`: NVML's per-process memory summed over each job's tree."""
+        jobs = self.pids()
+        used = self._gpu.process_memory() if self._gpu is not None and jobs else {}
+        if not any(used.values()):
+            return {}
+        m: dict[str, float] = {}
+        for job, pid in jobs.items():
+            tree = self._job_tree(job, pid)
+            if not tree:
+                continue
+            pids = {p.pid for p in tree}
+            for i, by_pid in used.items():
+                mine = [b for p, b in by_pid.items() if p in pids]
+                if mine:
+                    m[f"gpu/{i}/job_memory_used_gb/{job}"] = sum(mine) / GB
+        return m
 
     def _system(self) -> dict[str, float]:
         vm = psutil.virtual_memory()
@@ -202,13 +227,13 @@ class Monitor:
             m["system/run_dir_gb"] = self._run_dir_gb
         return m
 
-    def _job_usage(self, job: str, pid: int) -> tuple[float, float] | None:
-        """(RSS in MB, CPU %) summed over a job's process tree; None once the job has ended.
+    def _job_tree(self, job: str, pid: int) -> list[psutil.Process] | None:
+        """The job's process and its descendants (the job's first); None once it has ended.
 
         Finding a tree's processes scans the whole process table, so the tree is re-read
         every TREE_RESCAN_S (jobs start their ranks and workers early) or when the job's
-        pid changes; in between a sample reads just each process's own counters. The
-        Process objects are kept, so each has its cpu_percent baseline from the last sample.
+        pid changes; in between the cached list is used. The Process objects are kept, so
+        each has its cpu_percent baseline from the last sample.
         """
         now = time.monotonic()
         cached = self._trees.get(job)
@@ -221,8 +246,18 @@ class Monitor:
                 return None
             known = {p.pid: p for p in cached[2]} if cached is not None else {}
             cached = self._trees[job] = (pid, now, [known.get(p.pid, p) for p in found])
+        return cached[2]
+
+    def _job_usage(self, job: str, pid: int) -> tuple[float, float] | None:
+        """(RSS in MB, CPU %) summed over a job's process tree (`_job_tree`); None once the job has ended.
+
+        Between tree rescans a sample reads just each process's own counters.
+        """
+        tree = self._job_tree(job, pid)
+        if tree is None:
+            return None
         rss = cpu = 0.0
-        for i, proc in enumerate(cached[2]):
+        for i, proc in enumerate(tree):
             try:
                 used = proc.memory_info().rss  # 0 for a zombie (exited, not yet reaped)
                 if used == 0 and i == 0:
@@ -311,6 +346,18 @@ class _Gpus:
         if temp:
             m["gpu/node/temperature_c"] = max(temp)
         return m
+
+    def process_memory(self) -> dict[int, dict[int, int]]:
+        """Per GPU `i`, the bytes each compute process holds there ({pid: bytes}), from NVML's
+        per-process list; a process whose memory NVML does not give (None) is left out."""
+        list_processes = getattr(self.nvml, "nvmlDeviceGetComputeRunningProcesses", None)  # None: an old binding
+        if list_processes is None:
+            return {}
+        out: dict[int, dict[int, int]] = {}
+        for i, handle in enumerate(self.handles):
+            procs = self._read(i, "per-process memory", list_processes, handle)
+            out[i] = {int(p.pid): int(p.usedGpuMemory) for p in procs or () if p.usedGpuMemory is not None}
+        return out
 
     def _read(self, i: int, what: str, fn: Callable[..., Any], *args: Any) -> Any:
         """One NVML reading; a reading a GPU does not support is skipped (warned once)."""

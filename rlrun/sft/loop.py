@@ -20,6 +20,7 @@ import torch
 from rlrun.job import StopFlag, StopRequested
 from rlrun.sft import SFT_OPTIMIZER_FILE, sft_model_dir
 from rlrun.trainer.dist import Ranks, any_rank, barrier, sum_ranks
+from rlrun.trainer.precision import compute_dtype, describe, master_dtype
 
 
 class _Scorer:
@@ -62,7 +63,9 @@ class SftTrainer:
             resolve_model_path(cfg.model, run_dir, cfg.seed)
         barrier(ranks)
         self.model_path = resolve_model_path(cfg.model, run_dir, cfg.seed)
-        model, self.tokenizer = load_model(self.model_path, cfg.model.dtype, str(ranks.device), cfg.model.trust_remote_code)
+        self.compute_dtype = compute_dtype(cfg.model.dtype)  # bf16: fp32 master weights, bf16 autocast
+        model, self.tokenizer = load_model(self.model_path, master_dtype(cfg.model.dtype), str(ranks.device),
+                                           cfg.model.trust_remote_code)  # fmt: skip
         self.model = model.train()
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.scfg.lr, weight_decay=self.scfg.weight_decay)
         if ranks.world > 1:
@@ -85,7 +88,8 @@ class SftTrainer:
         scfg = self.scfg
         try:
             self.tracker.log_hyperparams(self.cfg)
-            self.log.info(f"sft rank {self.ranks.rank}/{self.ranks.world}: {self.model_path}, {scfg.max_steps} steps "
+            self.log.info(f"sft rank {self.ranks.rank}/{self.ranks.world} ({describe(self.cfg.model.dtype)}): "
+                          f"{self.model_path}, {scfg.max_steps} steps "
                           f"of {scfg.batch_size} pairs, lr {scfg.lr}, data {scfg.data or 'the task reference answers'}")
             for step in range(1, scfg.max_steps + 1):
                 if any_rank(bool(self.stop), self.ranks):  # every rank stops at the same step
@@ -111,7 +115,8 @@ class SftTrainer:
         mask = batch["loss_mask"][:, 1:]
         with tracker.timer("forward_backward") as fwd_bwd:
             tokens_per_rank = max(sum_ranks(float(mask.sum()), ranks) / ranks.world, 1.0)
-            logprobs, _ = token_logprobs(self.model, batch["input_ids"], batch["attention_mask"], 1.0)
+            logprobs, _ = token_logprobs(self.model, batch["input_ids"], batch["attention_mask"], 1.0,
+                                         compute_dtype=self.compute_dtype)  # fmt: skip
             loss = -(logprobs * mask).sum() / tokens_per_rank  # the whole batch's token mean, after DDP's average
             loss.backward()
         with tracker.timer("optimizer_step") as opt_step:

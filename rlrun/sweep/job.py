@@ -97,7 +97,8 @@ def _name_mlflow_run(cfg: DictConfig, info: dict[str, Any]) -> None:
 
 
 def gpus_needed(cfg: DictConfig) -> int:
-    """GPUs a run uses: one per CUDA trainer rank, plus vLLM's own (it never shares one)."""
+    """GPUs a run uses: one per CUDA trainer rank, plus vLLM's own (vLLM shares none with the
+    trainer); the local server on CUDA shares the trainer's first GPU (one at least)."""
     need = int(cfg.trainer.num_ranks) if cfg.trainer.device == "cuda" else 0
     if OmegaConf.select(cfg, "inference.backend", default="local") == "vllm":
         need += int(OmegaConf.select(cfg, "inference.tensor_parallel_size", default=1))

@@ -19,11 +19,12 @@ STATE_FILE = "state.json"
 CHECKPOINTS_KEPT = 2
 
 
-def publish_weights(model: torch.nn.Module, run_dir: Path, step: int, keep_last: int) -> Path:
-    """`weights/step_<step>/` for inference (atomic), then drop all but the newest `keep_last`."""
+def publish_weights(model: torch.nn.Module, run_dir: Path, step: int, keep_last: int, dtype: str | None = None) -> Path:
+    """`weights/step_<step>/` for inference (atomic), its floating tensors in `dtype` (inference's;
+    None: as the model holds them), then drop all but the newest `keep_last`."""
     from rlrun.model import save_weights
 
-    out = save_weights(model, step_dir(run_dir / "weights", step), metadata={"step": str(step)})
+    out = save_weights(model, step_dir(run_dir / "weights", step), metadata={"step": str(step)}, dtype=dtype)
     prune(run_dir / "weights", keep_last)  # keep_last >= 2 (validated): the newest always stays
     return out
 

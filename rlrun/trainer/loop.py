@@ -32,6 +32,7 @@ from rlrun.model import bias_tensor
 from rlrun.rundir import wait_for
 from rlrun.trainer.checkpoint import load_checkpoint, publish_weights, save_checkpoint
 from rlrun.trainer.dist import Ranks, any_rank, barrier, gather_token_values, sum_ranks
+from rlrun.trainer.precision import compute_dtype, describe, inference_dtype, master_dtype
 from rlrun.trainer.step import forward_backward, optimizer_step
 
 # Metrics that are not a mean over ranks (timings `time/*` reduce with max by default).
@@ -70,8 +71,12 @@ class Trainer:
         barrier(ranks)
         self.model_path = policy_path(cfg, run_dir)  # the SFT stage's output when the run has one
 
+        self.compute_dtype = compute_dtype(cfg.model.dtype)  # bf16: fp32 master weights, bf16 autocast
+        self.weights_dtype = inference_dtype(cfg)  # what weights/step_<n> hold: inference's dtype
+
         def load() -> torch.nn.Module:
-            return load_model(self.model_path, cfg.model.dtype, str(ranks.device), cfg.model.trust_remote_code)[0]
+            return load_model(self.model_path, master_dtype(cfg.model.dtype), str(ranks.device),
+                              cfg.model.trust_remote_code)[0]  # fmt: skip
 
         self.model = load().train()
         self.ref_model = load().requires_grad_(False) if self.tcfg.kl_coef > 0 else None
@@ -105,9 +110,10 @@ class Trainer:
             else:
                 self.log.info(f"resumed from checkpoints/step_{self.start - 1}")
                 if self.ranks.rank == 0:  # the parent removed newer weights; the orchestrator syncs to these
-                    publish_weights(self.model, self.run_dir, self.start - 1, tcfg.keep_last)
+                    publish_weights(self.model, self.run_dir, self.start - 1, tcfg.keep_last, self.weights_dtype)
             self.log.info(
-                f"trainer rank {self.ranks.rank}/{self.ranks.world} on {self.ranks.device}: {self.model_path}, "
+                f"trainer rank {self.ranks.rank}/{self.ranks.world} on {self.ranks.device} "
+                f"({describe(cfg.model.dtype)}): {self.model_path}, "
                 f"steps {self.start}..{cfg.max_steps}, lr {tcfg.lr}, clip [{1 - tcfg.clip_eps_low:.2f}, "
                 f"{1 + tcfg.clip_eps_high:.2f}], kl_coef {tcfg.kl_coef}"
             )
@@ -133,12 +139,13 @@ class Trainer:
                 self.ref_model, tcfg.micro_batch_size, loss_tokens=max(tokens_per_rank, 1.0), token_values=token_values,
                 loss_type=tcfg.loss_type, max_tokens=self.cfg.orchestrator.max_tokens,
                 logit_bias=self._logit_bias(meta), is_correction=tcfg.is_correction, is_cap=tcfg.is_cap,
+                compute_dtype=self.compute_dtype,
             )  # fmt: skip
         with tracker.timer("optimizer_step") as opt_step:
             grad_norm = optimizer_step(self.model, self.optimizer, tcfg.max_grad_norm, self.log, step)
         with tracker.timer("save_weights"):
             if ranks.rank == 0:
-                publish_weights(self.model, self.run_dir, step, tcfg.keep_last)
+                publish_weights(self.model, self.run_dir, step, tcfg.keep_last, self.weights_dtype)
         final = step == self.cfg.max_steps
         checkpointing = tcfg.checkpoint_interval > 0 and (step % tcfg.checkpoint_interval == 0 or final)
         if checkpointing:

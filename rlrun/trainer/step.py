@@ -17,15 +17,19 @@ def token_logprobs(
     attention_mask: torch.Tensor,
     temperature: float,
     logit_bias: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(token t) under `log_softmax((logits[t-1] + logit_bias) / temperature)`, and the entropy there.
 
     `logit_bias` [V] is the sampler's (`rlrun.model.bias_tensor`): the distribution it sampled from.
+    `compute_dtype` (`precision.compute_dtype`): the forward runs under autocast in it; the
+    softmax is taken in fp32 either way.
 
     Both [B, T-1]: column j is about token j+1 (the logits at j predict it), so they line
     up with `loss_mask[:, 1:]` and `old_logprobs[:, 1:]`. The entropy carries no gradient.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+    with torch.autocast(input_ids.device.type, dtype=compute_dtype, enabled=compute_dtype is not None):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
     if logit_bias is not None:
         logits = logits + logit_bias
     logp = torch.log_softmax(logits / temperature, dim=-1)  # [B, T-1, V]
@@ -51,6 +55,7 @@ def forward_backward(
     logit_bias: torch.Tensor | None = None,
     is_correction: str = "none",
     is_cap: float = 2.0,
+    compute_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """Accumulate the gradient of this rank's rows' loss; its stats (token means over the rows).
 
@@ -64,6 +69,9 @@ def forward_backward(
     `token_values` (pass `{}` on steps that log distributions, else None): gets the masked
     tokens' `entropy`, `importance_ratio` and `per_token_loss` appended per micro-batch as
     detached 1-D tensors on the model's device; None keeps nothing beyond the scalars.
+
+    `compute_dtype`: the forwards' autocast dtype (None: the weights' own); the loss, its
+    reduction and the mismatch stats are fp32 either way.
 
     The `mismatch/*` stats (`loss.mismatch_stats`) compare this forward's logprobs (the weights
     at the start of the step) with the sampler's, over all of this rank's rows.
@@ -81,12 +89,13 @@ def forward_backward(
         mask = mb["loss_mask"][:, 1:]
         no_sync = getattr(model, "no_sync", None)
         with no_sync() if no_sync is not None and i < len(starts) - 1 else nullcontext():
-            logprobs, entropy = token_logprobs(model, mb["input_ids"], mb["attention_mask"], temperature, logit_bias)
+            logprobs, entropy = token_logprobs(model, mb["input_ids"], mb["attention_mask"], temperature, logit_bias,
+                                               compute_dtype)  # fmt: skip
             ref_logprobs = None
             if ref_model is not None:
                 with torch.no_grad():
                     ref_logprobs, _ = token_logprobs(ref_model, mb["input_ids"], mb["attention_mask"], temperature,
-                                                     logit_bias)  # fmt: skip
+                                                     logit_bias, compute_dtype)  # fmt: skip
             per_token, stats = per_token_loss(
                 logprobs, mb["old_logprobs"][:, 1:], mb["advantages"], mask, loss_type,
                 clip_eps_low, clip_eps_high, ref_logprobs, kl_coef, token_values, is_correction, is_cap,
