@@ -40,7 +40,7 @@ bench: $(VENV)/.installed-bench
 # transformers, tensorboard, nvidia-ml-py, psutil, rich, PyYAML and pytest are used as they are).
 # Pinned to this project's tested versions; antlr4's runtime has only an sdist on PyPI, so its
 # (pure-Python) wheel is built here. Into .whl/ (ignored by git), carried with the working tree.
-GPU_WHEELS      ?= hydra-core==1.3.8 omegaconf==2.3.1 loguru==0.7.3
+GPU_WHEELS      ?= hydra-core==1.3.8 omegaconf==2.3.1 loguru==0.7.3 setproctitle==1.3.8
 GPU_WHEELS_SDIST ?= antlr4-python3-runtime==4.9.3
 gpu-wheels:
 	rm -rf .whl && mkdir -p .whl
