@@ -409,3 +409,23 @@ def test_a_run_logs_its_final_model(tmp_path):
     state = loaded.state_dict()
     for name, tensor in published.items():
         assert torch.equal(state[name], tensor), name
+
+
+def test_a_long_run_of_sample_tables_never_stalls_the_backend(tracking_uri, tmp_path, caplog):
+    """MLflow keeps a run's table list in one 8000-character tag: log_table failed on every call
+    once the list outgrew it. Tables go on as files; the list stops growing, with a warning."""
+    from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+
+    backend = _backend(tracking_uri, tmp_path, experiment_name="many-tables")
+    steps = range(1, 161)
+    for step in steps:
+        backend.log_samples([{"prompt": "p", "reward": float(step)}], step=step)
+    client = MlflowClient(tracking_uri)
+    files = {f.path for f in client.list_artifacts(backend.run_id, "samples")}
+    assert files == {f"samples/trainer_step_{s:06d}.json" for s in steps}
+    tag = client.get_run(backend.run_id).data.tags["mlflow.loggedArtifacts"]
+    listed = json.loads(tag)
+    assert len(tag) <= MAX_TAG_VAL_LENGTH and 100 < len(listed) < 160
+    assert listed[0] == {"path": "samples/trainer_step_000001.json", "type": "table"}
+    assert _load_json_artifact(client, backend.run_id, "samples/trainer_step_000160.json", tmp_path)["data"] == [[160, "p", 160.0]]
+    assert sum("table list" in r.getMessage() for r in caplog.records) == 1

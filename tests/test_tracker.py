@@ -200,12 +200,23 @@ def test_one_huge_step_is_split_into_backend_sized_calls(tmp_path):
 def test_shutdown_with_dead_backend_persists_backlog(tmp_path):
     backend = FlakyBackend()
     backend.down.set()
-    worker = BackendWorker(backend, _delivery(flush_timeout_s=0.2), tmp_path)
+    spill_dir = tmp_path / ".spill" / "trainer"  # as in a run: created only when something spills
+    worker = BackendWorker(backend, _delivery(flush_timeout_s=0.2), spill_dir)
     for step in range(10):
         worker.submit(Event("metrics", MetricPoint(step, {"a": 1.0}, time.time())))
     # Given 0.2 s: it stops long before the default flush_timeout_s (120 s), let alone never.
     assert worker.request_stop().wait(60), "finish() gives a dead backend flush_timeout_s, not forever"
-    assert (tmp_path / "flaky.spill").stat().st_size > 0
+    assert (spill_dir / "flaky.spill").stat().st_size > 0
+
+
+def test_shutdown_releases_the_job_even_when_the_backlog_cannot_be_kept(tmp_path, caplog):
+    backend = FlakyBackend()
+    backend.down.set()
+    (tmp_path / "file").write_text("")  # the spill folder cannot be created under a file
+    worker = BackendWorker(backend, _delivery(flush_timeout_s=0.2), tmp_path / "file" / "spill")
+    worker.submit(Event("metrics", MetricPoint(1, {"a": 1.0}, time.time())))
+    assert worker.request_stop().wait(60), "a job's finish() never hangs on its trackers"
+    assert any("1 events could not be delivered before shutdown; not kept" in r.getMessage() for r in caplog.records)
 
 
 def test_step_timer_sums_a_phase_within_the_step():

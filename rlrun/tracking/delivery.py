@@ -118,6 +118,7 @@ class Backlog:
             reader.close()
             self._writer.close()  # type: ignore[union-attr]
             self._reader = self._writer = None
+        self.spill_path.parent.mkdir(parents=True, exist_ok=True)  # nothing may have spilled before
         with open(self.spill_path, "wb") as f:
             for event in remaining:
                 pickle.dump(event, f, protocol=pickle.HIGHEST_PROTOCOL)
@@ -312,17 +313,21 @@ class BackendWorker:
                 self._waiting.remove(control)
 
     def _shutdown(self, stopping: _Control) -> None:
-        if len(self.backlog):
-            path = self.backlog.persist()
-            log.error(
-                "tracker backend %s: %d events could not be delivered before shutdown; kept in %s "
-                "(the jsonl record has them all)", self.name, len(self.backlog), path,
-            )
+        """Keep what is undelivered on disk, finish the backend; whatever fails, release every
+        waiter (a job's `finish()` must never hang on a backend)."""
         try:
+            if len(self.backlog):
+                try:
+                    where = f"kept in {self.backlog.persist()}"
+                except OSError as exc:
+                    where = f"not kept ({type(exc).__name__}: {exc})"
+                log.error("tracker backend %s: %d events could not be delivered before shutdown; %s "
+                          "(the jsonl record has them all)", self.name, len(self.backlog), where)  # fmt: skip
             if self._opened:
                 self.backend.finish()
         except Exception as exc:
             log.error("tracker backend %s failed to finish: %s: %s", self.name, type(exc).__name__, exc)
-        for control in self._waiting:
-            control.done.set()
-        self._waiting.clear()
+        finally:
+            for control in self._waiting:
+                control.done.set()
+            self._waiting.clear()

@@ -12,9 +12,12 @@ Re-delivery (the writer thread retries a call that raised) is harmless:
   (key, step, timestamp, value), so a resent batch adds nothing;
 - params already on the run with the same value are skipped (differing ones are
   skipped with a warning: MLflow forbids changing a param);
-- a sample table whose earlier attempt may have reached the store is checked before
-  appending again; distribution statistics reuse the first attempt's timestamp and
-  histogram artifacts are overwritten.
+- a sample table is written whole (not appended as log_table would) and listed in the
+  run's table tag only if absent; distribution statistics reuse the first attempt's
+  timestamp and histogram artifacts are overwritten.
+
+MLflow lists a run's tables in one tag of at most 8000 characters (~120 tables): a long run
+lists the first ones; every table is a JSON file under `samples/` either way.
 
 NaN and +/-inf metric values are sent as they are: MLflow stores NaN as NaN and clamps
 +/-inf to +/-1.7976931348623157e308 (both the SQLite store and the REST server).
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time as _time
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ import numpy as np
 import pandas as pd  # an mlflow dependency; log_table takes its tables
 from mlflow.entities import Metric, Param
 from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+from mlflow.utils.validation import MAX_TAG_VAL_LENGTH as MLFLOW_TAG_LIMIT
 
 from rlrun.tracking.base import Alert, Backend, MetricPoint, TrackerContext
 from rlrun.tracking.names import DISTRIBUTION_STATS, sanitize_key
@@ -66,7 +69,7 @@ class MlflowBackend(Backend):
         self._client: Any = None
         self._keys: dict[str, str] = {}  # metric name -> MLflow key (prefixed, sanitized)
         self._skipped: set[str] = set()  # keys already warned about (non-numeric values)
-        self._uncertain_tables: set[str] = set()  # table files whose last attempt raised midway
+        self._table_list_full = False  # the run's table-list tag has no room left (see _mark_table)
         self._stat_times: dict[tuple[str, int], int] = {}  # (name, step) -> first attempt's ms
 
     # ------------------------------------------------------------ lifecycle
@@ -147,26 +150,29 @@ class MlflowBackend(Backend):
 
     # ------------------------------------------------------------ samples
 
-    def _table_already_has(self, artifact_file: str, table: dict[str, list[Any]]) -> bool:
-        """Did an earlier, failed attempt already append exactly these rows to the table?"""
-        directory = artifact_file.rsplit("/", 1)[0]
-        if artifact_file not in {f.path for f in self._client.list_artifacts(self.run_id, directory)}:
-            return False
-        with tempfile.TemporaryDirectory() as tmp:
-            path = self._client.download_artifacts(self.run_id, artifact_file, tmp)
-            stored = json.loads(Path(path).read_text())
-        # Compare in the layout log_table writes (pandas, orient="split").
-        ours = json.loads(pd.DataFrame(table).to_json(orient="split", index=False, date_format="iso"))
-        tail = stored.get("data", [])[-len(ours["data"]) :]
-        return stored.get("columns") == ours["columns"] and tail == ours["data"]
-
     def _mark_table(self, artifact_file: str) -> None:
-        """Tag the file as a table artifact, as log_table does, so the UI shows it as one."""
+        """List the file in the run's `mlflow.loggedArtifacts` tag, as log_table does, so the UI
+        shows it as a table; while the list fits the tag (MLFLOW_TAG_LIMIT characters, ~120 tables).
+
+        MLflow's own log_table reads that tag on every call: once the list outgrew the limit
+        the stored value was cut and every later call failed on the cut JSON, so a long run with
+        sample tables stalled this backend for good. Later tables are still files under samples/."""
         tags = self._client.get_run(self.run_id).data.tags
-        logged = json.loads(tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+        try:
+            logged = json.loads(tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+        except ValueError:  # cut by an earlier writer: leave it as it is
+            logged = None
         entry = {"path": artifact_file, "type": "table"}
-        if entry not in logged:
-            self._client.set_tag(self.run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps([*logged, entry]))
+        if logged is None or entry in logged:
+            return
+        value = json.dumps([*logged, entry])
+        if len(value) > MLFLOW_TAG_LIMIT:
+            if not self._table_list_full:
+                log.warning("mlflow: the run's table list (tag %s) is full at %d tables; later sample tables are "
+                            "logged as JSON files under samples/ without it", MLFLOW_LOGGED_ARTIFACTS, len(logged))  # fmt: skip
+                self._table_list_full = True
+            return
+        self._client.set_tag(self.run_id, MLFLOW_LOGGED_ARTIFACTS, value)
 
     def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
         if not rows:
@@ -176,15 +182,11 @@ class MlflowBackend(Backend):
         table = {c: [_json_cell(row.get(c)) for row in rows] for c in columns}
         stem = f"{self.job}_step_{step:06d}" if self.job else f"step_{step:06d}"
         artifact_file = f"samples/{stem}.json"
-        # log_table appends to an existing file, so a retry after an attempt that uploaded
-        # the file but failed later (setting the run tag) would duplicate the rows.
-        if artifact_file in self._uncertain_tables and self._table_already_has(artifact_file, table):
-            self._mark_table(artifact_file)  # log_table's last step, which that attempt missed
-            self._uncertain_tables.discard(artifact_file)
-            return
-        self._uncertain_tables.add(artifact_file)
-        self._client.log_table(self.run_id, data=table, artifact_file=artifact_file)
-        self._uncertain_tables.discard(artifact_file)
+        # The file log_table would write (pandas, orient="split"), written whole: a retried call
+        # rewrites it rather than appending the rows again (log_table appends to an existing file).
+        self._client.log_text(self.run_id, pd.DataFrame(table).to_json(orient="split", index=False, date_format="iso"),
+                              artifact_file)  # fmt: skip
+        self._mark_table(artifact_file)
 
     # ------------------------------------------------------------ the model
 
