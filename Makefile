@@ -31,7 +31,7 @@ $(VENV)/.installed-bench: pyproject.toml | $(VENV)/bin/python
 
 # Every benchmark in turn (or some: make bench BENCHES="overlap startup"); ARGS go to each.
 # Each prints a table and writes benchmarks/results/<name>.json (see README: Benchmarks).
-BENCHES ?= startup overlap bare_loop trl_compare scaling tracker tracker_load default_quality environments doctor soak
+BENCHES ?= startup overlap bare_loop trl_compare scaling tracker tracker_load default_quality environments doctor servers soak
 bench: $(VENV)/.installed-bench
 	@set -e; for b in $(BENCHES); do echo "== benchmarks/$$b.py"; $(PY) benchmarks/$$b.py $(ARGS); done
 

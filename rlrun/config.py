@@ -22,6 +22,7 @@ from rlrun.doctor.config import DoctorConfig, check_doctor
 from rlrun.envs.config import LEVELS, EnvWorkersConfig, TaskConfig
 from rlrun.inference.config import SCHEMAS as INFERENCE_SCHEMAS
 from rlrun.inference.config import InferenceConfig
+from rlrun.inference.launch import check_servers
 from rlrun.launcher.config import MonitorConfig
 from rlrun.orchestrator.config import OrchestratorConfig
 from rlrun.schema import ConfigError, check_fields, checked
@@ -142,6 +143,7 @@ def validate(cfg: DictConfig) -> None:
     _check_schema(cfg)
     check_fields(cfg)
     check_doctor(cfg.doctor)
+    check_servers(cfg.inference)
     _check_task(cfg.task)
     if cfg.sft.data is not None and not Path(cfg.sft.data).expanduser().is_file():
         raise ConfigError(f"sft.data={cfg.sft.data!r}: no such file (a jsonl of prompt/completion pairs)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from rlrun.inference.launch import server_jobs
 from rlrun.schema import ConfigError
 
 COMPLETION_STATS = tuple(f"completions/{s}" for s in (
@@ -32,7 +33,7 @@ MISMATCH_STATS = tuple(f"mismatch/{name}" for name in (
     "kl", "logprob_diff_mean", "logprob_diff_max", "ppl_ratio", "token_ratio_min", "token_ratio_mean",
     "token_ratio_max", "seq_ratio_min", "seq_ratio_mean", "seq_ratio_max",
 ))  # fmt: skip
-MONITOR_JOBS = ("sft", "inference", "orchestrator", "trainer")
+MONITOR_JOBS = ("sft", "orchestrator", "trainer")  # and each inference server's job (`server_jobs`)
 SYSTEM = ("system/elapsed_s", "system/train_step", "system/cpu_percent", "system/ram_used_gb", "system/ram_percent",
           "system/disk_used_gb", "system/disk_percent", "system/run_dir_gb")  # fmt: skip
 GPU_STATS = ("utilization", "memory_utilization", "memory_used_gb", "memory_total_gb", "power_w", "temperature_c")
@@ -84,7 +85,8 @@ def planned_metrics(cfg: Any) -> dict[str, JobMetrics]:
     trainer = list(TRAINER_SCALARS) + list(MISMATCH_STATS) + [f"time/{t}" for t in TRAINER_TIMES]
     sft = ["loss", "grad_norm", "lr", "tokens/s", "num_loss_tokens", "num_tokens"] + [f"time/{t}" for t in SFT_TIMES]
     sft += _eval_names(all_fns, cfg) + env_eval
-    monitor = list(SYSTEM) + [f"system/{m}/{job}" for m in ("rss_mb", "job_cpu_percent") for job in MONITOR_JOBS]
+    jobs = [*MONITOR_JOBS, *server_jobs(int(cfg.inference.num_servers))]
+    monitor = list(SYSTEM) + [f"system/{m}/{job}" for m in ("rss_mb", "job_cpu_percent") for job in jobs]
     if cfg.monitor.gpu:
         monitor += [f"gpu/{i}/{s}" for i in range(MAX_GPUS_LISTED) for s in GPU_STATS] + [f"gpu/node/{s}" for s in GPU_NODE]
         monitor += [f"gpu/{i}/job_memory_used_gb/{job}" for i in range(MAX_GPUS_LISTED) for job in MONITOR_JOBS]

@@ -34,13 +34,19 @@ def model_dir(cfg: Any, run_dir: str | Path) -> Path:
 
 
 def job_log(run_dir: str | Path, job: str, rank: int = 0) -> Path:
-    """The text log of a job: logs/<job>.log, logs/{trainer,sft}/rank_<N>.log, logs/inference.stdout."""
+    """The text log of a job: logs/<job>.log, logs/{trainer,sft}/rank_<N>.log, and the inference
+    servers' stdout: logs/inference.stdout (one server), logs/inference_<k>.stdout (several)."""
     logs = Path(run_dir) / "logs"
     if job in ("trainer", "sft"):  # jobs with ranks: a file each
         return logs / job / f"rank_{rank}.log"
-    if job == "inference":
-        return logs / "inference.stdout"
+    if is_inference_job(job):
+        return logs / f"{job}.stdout"
     return logs / f"{job}.log"
+
+
+def is_inference_job(job: str) -> bool:
+    """`inference` or `inference_<k>`: a server, which logs to its stdout (vLLM's own output too)."""
+    return re.fullmatch(r"inference(_\d+)?", job) is not None
 
 
 def step_dir(root: str | Path, step: int) -> Path:

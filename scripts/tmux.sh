@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Follow the component logs of a run in tmux panes: rl, inference, orchestrator, trainer ranks.
+# Follow the component logs of a run in tmux panes: rl, inference server(s), orchestrator, trainer ranks.
 # Usage: scripts/tmux.sh [run_dir]   (default: the newest run under outputs/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +22,14 @@ tmux new-session -d -s "$session" -n logs "$(follow rl.log)"
 tmux split-window -t "$session" -v "$(follow orchestrator.log)"
 tmux split-window -t "$session" -h "$(follow trainer/rank_0.log)"
 tmux select-pane -t "$session:0.0"
-tmux split-window -t "$session" -h "$(follow inference.stdout)"
+servers=("$run_dir"/logs/inference*.stdout)  # inference.stdout, or inference_<k>.stdout with several servers
+first="$(basename "${servers[0]}")"
+tmux split-window -t "$session" -h "$(follow "$first")"
+for server_log in "${servers[@]:1}"; do
+  [[ -e "$server_log" ]] || continue
+  server="$(basename "$server_log")"
+  tmux new-window -t "$session" -n "${server%.stdout}" "$(follow "$server")"
+done
 for rank_log in "$run_dir"/logs/trainer/rank_*.log; do
   rank="$(basename "$rank_log")"
   [[ "$rank" == rank_0.log || ! -e "$rank_log" ]] && continue

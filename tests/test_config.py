@@ -105,10 +105,20 @@ def test_validate_names_group_size(hydra_compose):
     ("orchestrator.log_extras.interval=0", "orchestrator.log_extras.interval"), ("log_level=LOUD", "log_level"),
     ("inference.gpu_memory_fraction=1.5", "inference.gpu_memory_fraction"),
     ("inference.gpu_memory_fraction=0", "inference.gpu_memory_fraction"), ("model.dtype=bf16", "model.dtype"),
+    ("inference.num_servers=0", "inference.num_servers"),
 ])  # fmt: skip
 def test_value_rules_on_the_fields_name_the_key(hydra_compose, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.") + "="):
         validate(hydra_compose(override))
+
+
+@pytest.mark.parametrize("overrides", [
+    ("inference.num_servers=2", "inference.urls=[http://127.0.0.1:8000]"),  # one URL per server
+    ("inference.urls=[ftp://127.0.0.1:8000]",), ("inference.urls=[http://127.0.0.1]",),  # not http://<host>:<port>
+])  # fmt: skip
+def test_inference_urls_that_do_not_fit_name_the_key(hydra_compose, overrides):
+    with pytest.raises(ConfigError, match=r"inference\.urls"):
+        validate(hydra_compose(*overrides))
 
 
 def test_validate_names_model_path(hydra_compose, tmp_path):

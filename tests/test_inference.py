@@ -17,6 +17,7 @@ from conftest import ROOT
 from omegaconf import OmegaConf
 
 from rlrun.config import schema
+from rlrun.inference.auth import read_token
 from rlrun.inference.launch import free_port
 from rlrun.inference.client import InferenceClient, InferenceError
 from rlrun.inference.engine import Engine, GenerationRequest, SamplingParams
@@ -250,8 +251,10 @@ def _start_job(tmp_path: Path, tiny_model: Path) -> tuple[subprocess.Popen, int,
 def test_inference_job_serves_updates_weights_and_stops(tmp_path, tiny_model):
     proc, port, out = _start_job(tmp_path, tiny_model)
     try:
-        client = InferenceClient(f"http://127.0.0.1:{port}", timeout=60)
-        assert client.wait_healthy(60, proc=proc)["weights_version"] == 0, out.read_text()
+        probe = InferenceClient(f"http://127.0.0.1:{port}", timeout=60)
+        assert probe.wait_healthy(60, proc=proc)["weights_version"] == 0, out.read_text()
+        # Started alone, the job made the run's token (<run>/secrets/inference_token) and requires it.
+        client = InferenceClient(f"http://127.0.0.1:{port}", timeout=60, token=read_token(tmp_path / "run"))
 
         model, tokenizer = load_model(tmp_path / "run" / "model")
         prompt_ids = [encode_prompt(tokenizer, "abc="), encode_prompt(tokenizer, "hg=")]
@@ -277,7 +280,7 @@ def test_inference_job_serves_updates_weights_and_stops(tmp_path, tiny_model):
         assert client.health()["weights_path"] == str(weights)
 
         with pytest.raises(InferenceError, match="400"):
-            client.update_weights(tmp_path / "missing")
+            client.update_weights(tmp_path / "run" / "weights" / "missing")
         with pytest.raises(InferenceError, match="400"):
             client.complete([[1, 99999]], n=1, max_tokens=2, temperature=1.0)
 

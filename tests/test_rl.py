@@ -163,6 +163,7 @@ def test_rl_only_experiment_raises_its_reward_and_emits_no_special_token(tmp_pat
         ("trainer.lrr=0.1", "lrr"),
         ("trainer.lr=fast", "trainer.lr"),
         ("orchestrator.group_size=0", "orchestrator.group_size"),
+        ("inference.num_servers=0", "inference.num_servers"),
         ("model=hf", "model.path"),
     ],
 )

@@ -62,6 +62,7 @@ def test_vllm_option_composes_and_validates(hydra_compose):
         ("inference.gpu_memory_utilization=1.5", "inference.gpu_memory_utilization"),
         ("inference.tensor_parallel_size=0", "inference.tensor_parallel_size"),
         ("inference.backend=sglang", "inference.backend"),
+        ("inference.num_servers=2", "inference.num_servers"),  # one vLLM server (several: inference=local)
     ],
 )
 def test_bad_vllm_values_are_config_errors(hydra_compose, override, key):
@@ -84,6 +85,7 @@ def test_server_args_from_a_composed_config(hydra_compose):
         "--logprobs-mode", "processed_logprobs",
         "--generation-config", "vllm",
         "--worker-extension-cls", "rlrun.inference.vllm_worker.WeightUpdateExtension",
+        "--middleware", "rlrun.inference.auth.vllm_middleware",
         "--enforce-eager",
     ]  # fmt: skip
 
@@ -114,9 +116,11 @@ def test_job_commands_carry_each_jobs_gpus(hydra_compose, tiny_model, monkeypatc
                         "sft.max_steps=0")  # with an SFT stage vLLM would serve <run>/sft/model  # fmt: skip
     run_dir = tiny_model.parent  # resolve_model_path finds the tiny model there (and leaves it as it is)
     launch = vllm_launch(cfg, run_dir)
-    assert launch.env == {"CUDA_VISIBLE_DEVICES": "4,5", "VLLM_SERVER_DEV_MODE": "1"}
-    assert launch.command[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
-    assert launch.command[3:] == server_args(cfg, tiny_model, 8123)
+    # The run directory (the token's and the weights' home), never the token itself.
+    assert launch.env == {"CUDA_VISIBLE_DEVICES": "4,5", "VLLM_SERVER_DEV_MODE": "1", "RLRUN_RUN_DIR": str(run_dir)}
+    [command] = launch.commands  # one vLLM server
+    assert command[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    assert command[3:] == server_args(cfg, tiny_model, 8123)
     assert launch.trainer_env == {"CUDA_VISIBLE_DEVICES": "6,7"}
 
     cpu_trainer = hydra_compose(*OVERRIDES, "inference.port=8123")  # trainer.device=cpu: its environment is left alone
@@ -268,7 +272,8 @@ def test_worker_module_imports_without_vllm_or_torch():
     assert out.stdout.split() == ["False", "False"]
 
 
-def test_update_weights_from_path_changes_the_model(tiny_model, tmp_path):
+def test_update_weights_from_path_changes_the_model(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("RLRUN_RUN_DIR", str(tmp_path))  # as rlrun.inference.vllm.server_env sets it
     runner = FakeModelRunner(tiny_model)
     tokenizer_prompt = encode_prompt(load_model(tiny_model)[1], "abc=")
     before = _logits(runner.hf_model, tokenizer_prompt)
@@ -394,7 +399,28 @@ class VllmStandIn:
         self.httpd.server_close()
 
 
-def test_client_speaks_to_vllm_endpoints(tiny_model, tmp_path):
+def test_worker_loads_weights_only_from_inside_the_run(tiny_model, tmp_path, monkeypatch):
+    """`/collective_rpc` is reachable over the network: the extension refuses a path outside
+    `$RLRUN_RUN_DIR` (also through a symlink inside it), and everything when it is not set."""
+    runner = FakeModelRunner(tiny_model)
+    run_dir = tmp_path / "run"
+    outside, _ = _trained_weights(tiny_model, tmp_path / "elsewhere" / "step_1")
+    (run_dir / "weights").mkdir(parents=True)
+    (run_dir / "weights" / "step_1").symlink_to(outside)
+    monkeypatch.delenv("RLRUN_RUN_DIR", raising=False)
+    with pytest.raises(PermissionError, match="RLRUN_RUN_DIR is not set"):
+        _extension(runner).update_weights_from_path(str(outside))
+    monkeypatch.setenv("RLRUN_RUN_DIR", str(run_dir))
+    for path in (outside, run_dir / "weights" / "step_1", run_dir / ".." / "elsewhere" / "step_1"):
+        with pytest.raises(PermissionError, match="not inside the run directory"):
+            _extension(runner).update_weights_from_path(str(path))
+    assert runner.calls == 0, "nothing loaded"
+    inside, _ = _trained_weights(tiny_model, run_dir / "weights" / "step_2")
+    assert _extension(runner).update_weights_from_path(str(inside))["tensors"] > 0 and runner.calls == 1
+
+
+def test_client_speaks_to_vllm_endpoints(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("RLRUN_RUN_DIR", str(tmp_path))
     runner = FakeModelRunner(tiny_model)
     server = VllmStandIn(_extension(runner))
     try:
@@ -484,6 +510,7 @@ def test_vllm_serves_and_updates_weights_on_gpu(tmp_path):
     tiny_dir = build_tiny_model(tmp_path / "model", ModelConfig(hidden_size=128, num_heads=2, intermediate_size=256), 0)
 
     from rlrun.config import schema
+    from rlrun.inference.auth import create_token, read_token
     from rlrun.inference.launch import free_port
     from rlrun.inference.vllm import server_env
 
@@ -494,11 +521,13 @@ def test_vllm_serves_and_updates_weights_on_gpu(tmp_path):
     cfg.inference.extra_args = ["--enforce-eager"]
     OmegaConf.resolve(cfg)
     cmd = [sys.executable, "-m", vllm_mod.SERVER_MODULE, *server_args(cfg, tiny_dir, cfg.inference.port)]
-    env = {**os.environ, **server_env([os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]])}
+    env = {**os.environ, **server_env([os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]], tmp_path)}
+    create_token(tmp_path)  # tmp_path is the run directory: the token's home, the only tree weights load from
     log = tmp_path / "inference.stdout"
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
-        client = InferenceClient(f"http://127.0.0.1:{cfg.inference.port}", timeout=120)
+        url = f"http://127.0.0.1:{cfg.inference.port}"
+        client = InferenceClient(url, timeout=120, token=read_token(tmp_path))
         try:
             client.wait_healthy(600, proc)
         except Exception:
@@ -510,6 +539,12 @@ def test_vllm_serves_and_updates_weights_on_gpu(tmp_path):
         assert all(len(c.token_ids) == len(c.logprobs) > 0 for c in before)
 
         step_dir, trained = _trained_weights(tiny_dir, tmp_path / "weights" / "step_1", seed=2)
+        # rlrun's middleware: no token, no /collective_rpc (nor any other POST but completions).
+        for token, status in ((None, 401), ("wrong", 403)):
+            with pytest.raises(InferenceError) as refused:
+                InferenceClient(url, timeout=60, token=token, backend="vllm").update_weights(step_dir)
+            assert refused.value.status == status
+        assert "refused POST /collective_rpc" in log.read_text()
         start = time.monotonic()
         result = client.update_weights(step_dir)
         assert result["results"][0]["tensors"] > 0, result
@@ -520,6 +555,9 @@ def test_vllm_serves_and_updates_weights_on_gpu(tmp_path):
         with torch.no_grad():
             logp = torch.log_softmax(trained(torch.tensor([prompt])).logits[0, -1].float(), -1)[c.token_ids[0]]
         assert abs(c.logprobs[0] - float(logp)) < 0.05, (c.logprobs[0], float(logp))
+        outside, _ = _trained_weights(tiny_dir, tmp_path.parent / f"{tmp_path.name}-elsewhere", seed=3)
+        with pytest.raises(InferenceError, match="not inside the run directory"):  # the right token, a path outside
+            client.update_weights(outside)
         client.close()
     finally:
         os.killpg(proc.pid, 15)

@@ -2,7 +2,10 @@
 
 - `engine.py`: batched sampling with a KV cache and exact per-token logprobs (torch).
 - `server.py`: `/v1/completions`, `/v1/models`, `/health`, `/update_weights` on stdlib HTTP.
-- `client.py`: what the orchestrator uses to talk to it (or to vLLM); imports no torch.
+- `client.py`: what the orchestrator uses to talk to it (or to vLLM), one server or several
+  (`InferenceServers`); imports no torch.
+- `launch.py`: where each server listens (`inference.urls`) and what the parent runs.
+- `auth.py`: the run's token on mutating requests, weights only from inside the run.
 - `__main__.py`: `python -m rlrun.inference --config <run>/config.yaml`.
 
 Importing this package imports nothing heavy; import the submodules you need.

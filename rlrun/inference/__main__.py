@@ -1,8 +1,12 @@
-"""`python -m rlrun.inference --config <run>/config.yaml [key=value ...]`
+"""`python -m rlrun.inference --config <run>/config.yaml [--server-index k] [key=value ...]`
 
-Loads the run's config, loads the policy, serves it on `inference.port` until SIGTERM /
-SIGINT, exits 0. In a run the parent has chosen the port; started alone with
-`inference.port=0` the OS picks one, and the log says which.
+Loads the run's config, loads the policy, serves it until SIGTERM / SIGINT, exits 0. In a run
+the parent has settled every server's address: server k binds `inference.urls[k]` (its host
+only). Started alone on a config without `inference.urls`, it binds `inference.host` and
+`inference.port` (0: the OS picks a port, and the log says which).
+
+Weights load only from inside the run directory, and `/update_weights` needs the run's token,
+read from `<run>/secrets/inference_token` (created here when a server started alone finds none).
 """
 
 from __future__ import annotations
@@ -22,14 +26,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_job_args(
         PROG, __doc__.splitlines()[0], argv,
         model_path="model directory or hub id (default: from the config)",
+        server_index="which of inference.urls this server binds (default 0)",
     )  # fmt: skip
     cfg = load_job_config(args, PROG)
+    from rlrun.inference.launch import server_jobs, split_url
     from rlrun.log import setup_logger
 
-    log = setup_logger(cfg.log_level, None, job="inference")
+    index, urls = int(args.server_index or 0), list(cfg.inference.urls)
+    if not 0 <= index < max(len(urls), 1):
+        print(f"{PROG}: --server-index {index}: the config has {len(urls)} inference.urls", file=sys.stderr)
+        return 2
+    job = server_jobs(max(len(urls), 1))[index]  # `inference`, or `inference_<k>` of several: each line says which
+    log = setup_logger(cfg.log_level, None, job=job)
 
     import torch
 
+    from rlrun.inference.auth import create_token, read_token, token_path
     from rlrun.inference.engine import Engine
     from rlrun.inference.server import InferenceServer
     from rlrun.model import load_model, policy_path
@@ -38,11 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
-    if args.model_path:
-        model_path: str | Path = args.model_path
-    else:
-        run_dir = Path(cfg.output_dir) if cfg.output_dir else Path(args.config).resolve().parent
-        model_path = policy_path(cfg, run_dir)
+    run_dir = Path(cfg.output_dir) if cfg.output_dir else Path(args.config).resolve().parent
+    host, port = split_url(urls[index]) if urls else (cfg.inference.host, cfg.inference.port)
+    if not token_path(run_dir).is_file():  # started alone: the parent makes it for a run
+        log.info(f"no inference token yet: created {create_token(run_dir)}")
+    token = read_token(run_dir)
+    model_path = args.model_path or policy_path(cfg, run_dir)
     limit_gpu_memory(cfg.inference.device, cfg.inference.gpu_memory_fraction, log)
     log.info(f"loading model from {model_path}")
     model, tokenizer = load_model(
@@ -53,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if stop:  # stopped while loading the model
         return 0
-    server = InferenceServer(engine, cfg.inference.host, cfg.inference.port, model_name=served_name).start()
+    name = "inference server" if len(urls) <= 1 else f"inference server {index} of {len(urls)}"
+    server = InferenceServer(engine, host, port, model_name=served_name, token=token, weights_root=run_dir,
+                             name=name).start()  # fmt: skip
     log.info(f"serving {served_name} on {server.url}")
     while not stop.wait(0.5):
         pass

@@ -9,12 +9,19 @@ them apart by `/v1/models` (vLLM's cards are `owned_by: "vllm"`) unless given `b
 - local: `POST /update_weights {"path": ...}`;
 - vLLM: `POST /collective_rpc {"method": "update_weights_from_path", "args": [path]}` (the
   worker extension `rlrun.inference.vllm_worker`), then `POST /reset_prefix_cache`.
+With the run's `token` every request carries `Authorization: Bearer <token>` (mutating ones
+need it: `rlrun.inference.auth`).
+
+`InferenceServers` is the orchestrator's view of a run's servers (`inference.urls`): each
+step's prompts split evenly over them, new weights loaded into all of them, and an error
+naming the server (its job and URL) when one fails.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +43,11 @@ class InferenceError(RuntimeError):
 
 
 class InferenceClient:
-    def __init__(self, base_url: str, timeout: float = 300.0, model: str | None = None, backend: str | None = None):
+    def __init__(self, base_url: str, timeout: float = 300.0, model: str | None = None, backend: str | None = None,
+                 token: str | None = None) -> None:  # fmt: skip
         """`base_url` like `http://127.0.0.1:8000` (no `/v1`); `model` defaults to the served one;
-        `backend` ("local" or "vllm") defaults to what the server says it is."""
+        `backend` ("local" or "vllm") defaults to what the server says it is; `token`: the run's
+        secret, sent with every request."""
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}: must be one of {BACKENDS}")
         self.base_url = base_url.rstrip("/")
@@ -46,6 +55,8 @@ class InferenceClient:
         self._model = model
         self._backend = backend
         self._session = requests.Session()  # keep-alive: one connection for the whole run
+        if token:
+            self._session.headers["Authorization"] = f"Bearer {token}"
 
     # ------------------------------------------------------------ plumbing
 
@@ -163,6 +174,88 @@ class InferenceClient:
             self._request("POST", "/reset_prefix_cache")
             return result
         return self._request("POST", "/update_weights", json={"path": str(path)})
+
+
+class InferenceServers:
+    """A run's inference servers behind the one client interface the orchestrator uses.
+
+    `complete` splits the prompts into one contiguous, even share per server (a prompt's `n`
+    completions, its GRPO group, stay on one server), sends the shares at once and joins the
+    results in prompt order. Every prompt of a step costs about the same (same `max_tokens`,
+    similar lengths), so even shares balance the servers without any bookkeeping; share k is
+    sampled with `seed + k` so no two shares repeat one random stream. `update_weights` loads
+    the weights into every server at once and returns when all have them. A failing server
+    raises InferenceError naming its job and URL. With one server, calls go straight through.
+    """
+
+    def __init__(self, urls: Sequence[str], jobs: Sequence[str], timeout: float = 300.0,
+                 token: str | None = None) -> None:  # fmt: skip
+        if not urls or len(urls) != len(jobs):
+            raise ValueError(f"{len(urls)} URLs for {len(jobs)} jobs")
+        self.clients = [InferenceClient(url, timeout=timeout, token=token) for url in urls]
+        self.jobs = list(jobs)
+        self._pool = ThreadPoolExecutor(len(urls), thread_name_prefix="inference") if len(urls) > 1 else None
+
+    def __len__(self) -> int:
+        return len(self.clients)
+
+    def _on_each(self, calls: list[tuple[int, Callable[[], Any]]]) -> list[Any]:
+        """Run `(server index, call)` pairs, at once when there are several; errors name the server."""
+
+        def named(k: int, call: Callable[[], Any]) -> Any:
+            try:
+                return call()
+            except (InferenceError, requests.RequestException, TimeoutError) as exc:
+                where = f"inference server '{self.jobs[k]}' at {self.clients[k].base_url}"
+                if isinstance(exc, TimeoutError):
+                    raise TimeoutError(f"{where}: {exc}") from exc
+                raise InferenceError(f"{where}: {exc}", getattr(exc, "status", None)) from exc
+
+        if self._pool is None or len(calls) == 1:
+            return [named(k, call) for k, call in calls]
+        futures = [self._pool.submit(named, k, call) for k, call in calls]
+        wait(futures)  # every server done (none left loading) before a failure is raised
+        return [f.result() for f in futures]  # the first failure in server order
+
+    def wait_healthy(self, timeout_s: float, check: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+        """Until every server answers `/health` (they load their models at the same time)."""
+        return [self._on_each([(k, lambda c=c: c.wait_healthy(timeout_s, check=check))])[0]
+                for k, c in enumerate(self.clients)]  # fmt: skip
+
+    def complete(
+        self,
+        prompt_ids: list[list[int]],
+        n: int,
+        max_tokens: int,
+        temperature: float,
+        seed: int | None = None,
+        logit_bias: dict[int, float] | None = None,
+    ) -> list[list[Completion]]:
+        """`InferenceClient.complete` over every server: result[i] is prompt i's `n` completions."""
+        shares = even_shares(len(prompt_ids), len(self.clients))
+        calls = [
+            (k, lambda k=k, lo=lo, hi=hi: self.clients[k].complete(
+                prompt_ids[lo:hi], n=n, max_tokens=max_tokens, temperature=temperature,
+                seed=None if seed is None else seed + k, logit_bias=logit_bias))
+            for k, (lo, hi) in enumerate(shares) if hi > lo
+        ]  # fmt: skip
+        return [group for part in self._on_each(calls) for group in part]
+
+    def update_weights(self, path: str | Path) -> list[dict[str, Any]]:
+        """Every server loads the weights at `path`; returns each one's answer once all have them."""
+        return self._on_each([(k, lambda c=c: c.update_weights(path)) for k, c in enumerate(self.clients)])
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+
+def even_shares(total: int, parts: int) -> list[tuple[int, int]]:
+    """`[lo, hi)` ranges splitting `total` items into `parts` contiguous shares differing by at most one."""
+    bounds = [total * k // parts for k in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def _parse_choice(choice: dict[str, Any]) -> Completion:

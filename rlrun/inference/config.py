@@ -16,8 +16,12 @@ from rlrun.schema import checked
 @dataclass
 class InferenceConfig:
     backend: str = checked("local", one_of=("local", "vllm"))
-    host: str = "127.0.0.1"
-    port: int = 0  # 0: the parent picks a free port and gives it to every job
+    host: str = "127.0.0.1"  # the address every server binds (only that one: never 0.0.0.0 unless set so)
+    port: int = 0  # 0: the parent picks a free port per server; p: servers on p, p+1, ...
+    num_servers: int = checked(1, gt=0)  # servers the orchestrator spreads each step's requests over
+    # Each server's base URL (`http://<host>:<port>`), settled by the parent before any job starts
+    # (`rlrun.inference.launch.choose_port`) and written into <run>/config.yaml; not for users to set.
+    urls: list[str] = field(default_factory=list)
     max_batch_size: int = checked(512, gt=0)  # sequences generated together
     startup_timeout_s: float = 120.0
 

@@ -6,6 +6,12 @@
                             logprobs, seed, return_tokens_as_token_ids (vLLM's extension)
     POST /update_weights    {"path": "<dir written by rlrun.model.save_weights>"}
 
+Started with a `token`, every POST but `/v1/completions` needs `Authorization: Bearer <token>`
+(401 without, 403 with a wrong one); with a `weights_root`, `/update_weights` loads only from
+inside it (403 otherwise, symlinks resolved). Each refusal is a warning in the log, never
+showing the token (`rlrun.inference.auth`). `python -m rlrun.inference` always sets both: the
+run's token and its run directory.
+
 Batching: handler threads validate a request and put it on a queue; one engine thread
 takes every queued request (up to `max_batch_size` sequences) and generates them as one
 batch, then wakes each handler with its share. Requests that arrive while a batch runs
@@ -24,9 +30,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from rlrun.inference import Completion
+from rlrun.inference.auth import OPEN_POSTS, check_bearer, inside
 from rlrun.inference.engine import Engine, GenerationRequest, SamplingParams
 from rlrun.log import get_logger
 from rlrun.model import encode_prompt
@@ -61,11 +69,17 @@ class _Pending:
 class InferenceServer:
     """Owns the HTTP server and the engine thread; `start()` then `shutdown()`."""
 
-    def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 0, model_name: str = "model"):
+    def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 0, model_name: str = "model", *,
+                 token: str | None = None, weights_root: str | Path | None = None,
+                 name: str = "inference server") -> None:  # fmt: skip
+        """`token`: required on mutating requests; `weights_root`: the only tree weights load from;
+        `name`: how the log names this server (its job's name when a run has several)."""
         self.engine = engine
         self.model_name = model_name
+        self.token, self.weights_root, self.name = token, weights_root, name
         self.started = int(time.time())
-        self.stats = {"batches": 0, "requests": 0, "sequences": 0, "last_batch_requests": 0}
+        self.stats = {"batches": 0, "requests": 0, "sequences": 0, "last_batch_requests": 0,
+                      "weight_updates": 0, "refused": 0}  # fmt: skip
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._held: deque[_Pending] = deque()  # taken from the queue but too big for the batch
         self._in_flight = 0  # completion requests accepted and not yet answered
@@ -95,7 +109,7 @@ class InferenceServer:
             thread.start()
         get_logger().info(
             f"serving {self.model_name} on {self.url} (max_batch_size={self.engine.max_batch_size}, "
-            f"device={self.engine.device})"
+            f"device={self.engine.device}, {'token required' if self.token else 'no token'} to update)"
         )
         return self
 
@@ -117,7 +131,26 @@ class InferenceServer:
         for pending in leftovers:
             pending.error = "server is shutting down"
             pending.done.set()
-        get_logger().info("inference server stopped")
+        st = self.stats
+        get_logger().info(
+            f"{self.name} stopped: served {st['requests']} completion requests ({st['sequences']} sequences in "
+            f"{st['batches']} batches), {st['weight_updates']} weight updates (now v{self.engine.weights_version}), "
+            f"{st['refused']} requests refused"
+        )
+
+    def authorize(self, method: str, path: str, authorization: str | None, client: str) -> None:
+        """RequestError 401 / 403 (and a warning) for a mutating request without the right token."""
+        if self.token is None or method != "POST" or path in OPEN_POSTS:
+            return
+        why = check_bearer(authorization, self.token)
+        if why is not None:
+            self._refuse(f"{method} {path} from {client}: {why}")
+            raise RequestError(f"refused: {why} (the run's inference token is required)",
+                               HTTPStatus.UNAUTHORIZED if why == "no token" else HTTPStatus.FORBIDDEN)
+
+    def _refuse(self, what: str) -> None:
+        self.stats["refused"] += 1
+        get_logger().warning(f"{self.name} refused {what}")
 
     def health(self) -> dict[str, Any]:
         return {
@@ -202,11 +235,15 @@ class InferenceServer:
         path = body.get("path")
         if not isinstance(path, str) or not path:
             raise RequestError("'path' (a weights directory) is required", param="path")
+        if self.weights_root is not None and not inside(path, self.weights_root):
+            self._refuse(f"/update_weights from {path}: not inside the run directory {self.weights_root}")
+            raise RequestError(f"refused: {path} is not inside the run directory", HTTPStatus.FORBIDDEN, "path")
         start = time.perf_counter()
         try:
             version = self.engine.load_weights(path)
         except (OSError, RuntimeError, ValueError) as exc:  # missing file, wrong shapes, corrupt file
             raise RequestError(f"cannot load weights from {path}: {exc}", param="path") from exc
+        self.stats["weight_updates"] += 1
         get_logger().info(f"loaded weights v{version} from {path} in {time.perf_counter() - start:.3f}s")
         return {"ok": True, "version": version, "path": path}
 
@@ -347,6 +384,10 @@ def _get(body: dict[str, Any], key: str, kind: type | tuple[type, ...], default:
 # ---------------------------------------------------------------- HTTP plumbing
 
 
+_ERROR_TYPES = {HTTPStatus.NOT_FOUND: "NotFoundError", HTTPStatus.BAD_REQUEST: "BadRequestError",
+                HTTPStatus.UNAUTHORIZED: "AuthenticationError", HTTPStatus.FORBIDDEN: "PermissionDeniedError"}
+
+
 def _make_handler(server: InferenceServer) -> type[BaseHTTPRequestHandler]:
     routes_get = {"/health": server.health, "/v1/models": server.models}
     routes_post = {"/v1/completions": server.completions, "/update_weights": server.update_weights}
@@ -364,9 +405,11 @@ def _make_handler(server: InferenceServer) -> type[BaseHTTPRequestHandler]:
             self._send(HTTPStatus.OK, route())
 
         def do_POST(self) -> None:
-            route = routes_post.get(self.path.split("?")[0])
+            path = self.path.split("?")[0]
+            route = routes_post.get(path)
             try:
-                body = self._read_json()
+                body = self._read_json()  # read first: the connection stays usable after a refusal
+                server.authorize("POST", path, self.headers.get("Authorization"), self.client_address[0])
                 if route is None:
                     raise RequestError(f"no route {self.path}", HTTPStatus.NOT_FOUND)
                 self._send(HTTPStatus.OK, route(body))
@@ -389,8 +432,7 @@ def _make_handler(server: InferenceServer) -> type[BaseHTTPRequestHandler]:
 
         def _error(self, exc: RequestError) -> None:
             get_logger().debug(f"{self.command} {self.path} -> {int(exc.status)}: {exc}")
-            kind = "NotFoundError" if exc.status == HTTPStatus.NOT_FOUND else (
-                "BadRequestError" if exc.status == HTTPStatus.BAD_REQUEST else "InternalServerError")
+            kind = _ERROR_TYPES.get(exc.status, "InternalServerError")
             error = {"message": str(exc), "type": kind, "param": exc.param, "code": int(exc.status)}
             self._send(exc.status, {"error": error})
 

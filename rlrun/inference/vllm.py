@@ -7,7 +7,8 @@ starts. It
   `pip install -e '.[vllm]'`, at least `MIN_VERSION`) and a CUDA GPU visible. Otherwise it
   raises `VllmUnavailable` (a `ConfigError`) with what to do; the CPU default stays
   `inference=local`;
-- serves on `inference.port`, which the parent has already chosen for every job;
+- serves on `inference.port`, which the parent has already chosen for every job
+  (`inference.num_servers` must be 1: more vLLM servers are refused at validation);
 - splits the visible GPUs (`split_gpus`): the first `inference.tensor_parallel_size` go to
   vLLM, the rest to the trainer when `trainer.device=cuda`; each job sees only its own
   through `CUDA_VISIBLE_DEVICES`;
@@ -18,6 +19,12 @@ The trainer's new weights reach the running server without a restart: vLLM loads
 (`--worker-extension-cls`), and `InferenceClient.update_weights(path)` calls it through
 `POST /collective_rpc` (served with `VLLM_SERVER_DEV_MODE=1`), then empties the prefix cache
 (`POST /reset_prefix_cache`) so no KV computed by the old weights is reused.
+
+Those dev-mode routes run methods on vLLM's workers, so they are guarded as the local server's
+`/update_weights` is (`rlrun.inference.auth`): vLLM loads `auth.vllm_middleware`
+(`--middleware`), which refuses every POST but `/v1/completions` without the run's token, read
+from `$RLRUN_RUN_DIR/secrets/inference_token` (the token never reaches vLLM's argv or
+environment); the worker extension loads weights only from inside `$RLRUN_RUN_DIR`.
 
 Targets vLLM >= 0.10.2 (V1 engine): `--logprobs-mode processed_logprobs` makes the returned
 logprobs those of the distribution actually sampled (after temperature), as the local
@@ -36,10 +43,12 @@ from typing import Any
 from rlrun.config import ConfigError
 from rlrun.gpus import cuda_visible_devices
 from rlrun.inference import served_model_name
+from rlrun.inference.auth import RUN_DIR_ENV
 from rlrun.inference.launch import Launch
 
 MIN_VERSION = "0.10.2"
 WORKER_EXTENSION = "rlrun.inference.vllm_worker.WeightUpdateExtension"
+AUTH_MIDDLEWARE = "rlrun.inference.auth.vllm_middleware"
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 CPU_HINT = "The CPU default is inference=local."
 
@@ -152,6 +161,8 @@ def server_args(cfg: Any, model_path: str | Path, port: int) -> list[str]:
         # the orchestrator samples with temperature only.
         "--generation-config", "vllm",
         "--worker-extension-cls", WORKER_EXTENSION,
+        # The run's token on every POST but completions (/collective_rpc: the workers' methods).
+        "--middleware", AUTH_MIDDLEWARE,
     ]  # fmt: skip
     if icfg.max_model_len is not None:
         args += ["--max-model-len", str(icfg.max_model_len)]
@@ -160,10 +171,11 @@ def server_args(cfg: Any, model_path: str | Path, port: int) -> list[str]:
     return args + [str(a) for a in icfg.extra_args]
 
 
-def server_env(inference_gpus: list[str]) -> dict[str, str]:
+def server_env(inference_gpus: list[str], run_dir: str | Path) -> dict[str, str]:
     return {
         "CUDA_VISIBLE_DEVICES": ",".join(inference_gpus),
-        "VLLM_SERVER_DEV_MODE": "1",  # /collective_rpc and /reset_prefix_cache; bind to localhost
+        "VLLM_SERVER_DEV_MODE": "1",  # /collective_rpc and /reset_prefix_cache, guarded by AUTH_MIDDLEWARE
+        RUN_DIR_ENV: str(Path(run_dir).resolve()),  # where the middleware finds the token, the workers' weights root
     }
 
 
@@ -183,4 +195,4 @@ def vllm_launch(cfg: Any, run_dir: str | Path) -> Launch:
     model_path = policy_path(cfg, run_dir)
     server = [sys.executable, "-m", SERVER_MODULE, *server_args(cfg, model_path, int(cfg.inference.port))]
     trainer_env = {"CUDA_VISIBLE_DEVICES": ",".join(trainer_gpus)} if trainer_ranks else {}
-    return Launch(server, env=server_env(inference_gpus), trainer_env=trainer_env)
+    return Launch([server], env=server_env(inference_gpus, run_dir), trainer_env=trainer_env)

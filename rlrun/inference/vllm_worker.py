@@ -14,6 +14,10 @@ the tensors to the vLLM model's own `load_weights`, which renames them to vLLM's
 (fused qkv / gate-up projections), keeps its tensor-parallel shard and copies it into the
 existing parameters in place: CUDA graphs and the KV cache stay valid, nothing restarts.
 
+Weights load only from inside the run directory, `$RLRUN_RUN_DIR` (set for the vLLM job by
+`rlrun.inference.vllm.server_env`, inherited by every worker): `/collective_rpc` is reachable
+over the network, so a path elsewhere is refused (PermissionError) even with the token.
+
 vLLM rejects an extension with an attribute its worker already has, so this class defines
 nothing but `update_weights_from_path`; helpers are module functions. Importing this module
 imports neither vllm nor torch (it is imported, without vLLM, by the tests).
@@ -32,8 +36,23 @@ class WeightUpdateExtension:
     """Mixed into vLLM's worker: `self.model_runner` is its model runner."""
 
     def update_weights_from_path(self, path: str) -> dict[str, Any]:
-        """Load `<path>/model.safetensors` into this worker's model, in place."""
+        """Load `<path>/model.safetensors` into this worker's model, in place (only from inside the run)."""
+        check_in_run(path)
         return load_weights_into_runner(self.model_runner, path)  # type: ignore[attr-defined]
+
+
+def check_in_run(path: str | Path) -> None:
+    """PermissionError unless `path` (symlinks resolved) is inside `$RLRUN_RUN_DIR`."""
+    import os
+
+    from rlrun.inference.auth import RUN_DIR_ENV, inside
+
+    run_dir = os.environ.get(RUN_DIR_ENV)
+    if not run_dir:
+        raise PermissionError(f"refusing to load weights from {path}: {RUN_DIR_ENV} is not set (rlrun sets it "
+                              "to the run directory; weights load only from inside it)")  # fmt: skip
+    if not inside(path, run_dir):
+        raise PermissionError(f"refusing to load weights from {path}: not inside the run directory {run_dir}")
 
 
 def weights_file(path: str | Path) -> Path:

@@ -1,8 +1,9 @@
 """Before any job starts: the run directory, and the one config every job reads.
 
 `prepare_dir` runs before the parent's logger exists (it moves a resumed run's old logs
-aside); `settle` then fixes everything the jobs must agree on (tracker runs, the inference
-port, the model) and writes `<run>/config.yaml`, secrets redacted.
+aside); `settle` then fixes everything the jobs must agree on (tracker runs, each inference
+server's URL, the run's inference token, the model) and writes `<run>/config.yaml`, secrets
+redacted. The token lives only in `<run>/secrets/inference_token` (0600), never in the config.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def prepare_dir(cfg: DictConfig, run_dir: Path) -> None:
 def settle(cfg: DictConfig, run_dir: Path, log: Any) -> DictConfig:
     """Settle everything jobs must agree on, and write `<run>/config.yaml` (secrets redacted)."""
     from rlrun.config import fill_job_log_extras
-    from rlrun.inference.launch import choose_port
+    from rlrun.inference.auth import create_token
+    from rlrun.inference.launch import check_servers, choose_port
     from rlrun.tracking.runs import prepare_runs
 
     cfg = cfg.copy()
@@ -47,6 +49,8 @@ def settle(cfg: DictConfig, run_dir: Path, log: Any) -> DictConfig:
         _resume(cfg, run_dir, log)
     prepare_runs(cfg.logger, cfg.name, run_dir, log.info)
     choose_port(cfg)
+    check_servers(cfg.inference)  # what a deployment filled in too
+    create_token(run_dir)  # before any job starts: each reads it from there
     fill_job_log_extras(cfg)  # the record shows what each job logs
     # The tiny model is built by the first job that loads it: the parent imports no torch.
     log.info(f"policy: {model_dir(cfg.model, run_dir)}")

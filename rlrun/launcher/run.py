@@ -2,10 +2,11 @@
 
 It only starts, watches and stops (as prime-rl's `rl` launcher does): the jobs do the work
 and talk through the run directory. With `sft.max_steps > 0` the SFT job runs first, alone
-(RL starts from the policy it leaves). Then inference, orchestrator and trainer start at once (orchestrator and trainer
-import torch while inference loads the model); the parent waits for inference's `/health`
-so that a server that cannot start is reported as such. The run is done when orchestrator
-and trainer exit 0; when any job fails, every job is stopped and the parent exits 1, or
+(RL starts from the policy it leaves). Then the inference servers (`inference`, or
+`inference_<k>` for each of `inference.num_servers`), orchestrator and trainer start at once
+(orchestrator and trainer import torch while inference loads the model); the parent waits for
+every server's `/health` so that a server that cannot start is reported as such. The run is
+done when orchestrator and trainer exit 0; when any job fails, every job is stopped and the parent exits 1, or
 `EXIT_DOCTOR` (3) when the job stopped on a run-doctor finding (`doctor.stop_on`).
 """
 
@@ -23,11 +24,12 @@ from rlrun.config import ConfigError, validate
 from rlrun.metric_names import check_metric_names
 from rlrun.job import StopFlag
 from rlrun.launcher import EXIT_CONFIG, EXIT_DOCTOR, EXIT_FAILED, EXIT_OK
+from rlrun.inference.launch import server_jobs
 from rlrun.launcher.prepare import prepare_dir, settle
 from rlrun.launcher.supervisor import Job, JobFailed, Supervisor, python_module, torchrun
 from rlrun.redact import secrets_env
 from rlrun.sft import sft_model_dir
-from rlrun.rundir import job_log
+from rlrun.rundir import is_inference_job, job_log
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> int:
@@ -82,12 +84,18 @@ def _start_and_watch(cfg: DictConfig, run_dir: Path, launch: Any, log: Any) -> i
             if not sup.wait({"sft"}, should_stop=lambda: bool(stop)):
                 raise KeyboardInterrupt  # a stop requested during the SFT stage
             log.info(f"sft stage finished ({cfg.sft.max_steps} steps); RL starts from {sft_model_dir(run_dir)}")
-        sup.start(_job(run_dir, "inference", launch.command, {**env, **launch.env}))
+        servers = server_jobs(len(launch.commands))
+        for name, command in zip(servers, launch.commands, strict=True):
+            sup.start(_job(run_dir, name, command, {**env, **launch.env}))
         sup.start(_job(run_dir, "orchestrator", python_module("rlrun.orchestrator", *config), env))
         trainer = _ranked_command("rlrun.trainer", cfg.trainer.num_ranks, config)
         sup.start(_job(run_dir, "trainer", trainer, {**env, **launch.trainer_env}))
         _wait_serving(cfg, sup, stop)
-        log.info(f"inference is serving on {cfg.inference.host}:{cfg.inference.port}")
+        if len(servers) == 1:
+            log.info(f"inference is serving on {cfg.inference.host}:{cfg.inference.port}")
+        else:
+            log.info(f"inference is serving on {len(servers)} servers: "
+                     + ", ".join(f"{name} {url}" for name, url in zip(servers, cfg.inference.urls)))  # fmt: skip
 
         progress = RunProgress(run_dir, cfg.max_steps, warn=log.warning)
         finished = sup.wait({"orchestrator", "trainer"}, tick=progress.update, should_stop=lambda: bool(stop))
@@ -149,24 +157,25 @@ def _ranked_command(module: str, num_ranks: int, config: list[str]) -> list[str]
 
 def _job(run_dir: Path, name: str, cmd: list[str], env: dict[str, str]) -> Job:
     log_file = job_log(run_dir, name)
-    stdout = log_file if name == "inference" else run_dir / "logs" / f"{name}.stdout"
+    stdout = log_file if is_inference_job(name) else run_dir / "logs" / f"{name}.stdout"
     return Job(name, cmd, log_file=log_file, stdout_file=stdout, env=env)
 
 
 def _wait_serving(cfg: DictConfig, sup: Supervisor, stop: StopFlag) -> None:
-    """Until inference answers `/health` on its port; a job failing meanwhile raises JobFailed."""
-    from rlrun.inference.client import InferenceClient
+    """Until every server answers `/health`; a job failing meanwhile raises JobFailed."""
+    from rlrun.inference.client import InferenceServers
 
     def check() -> None:
         sup.check()
         if stop:
             raise KeyboardInterrupt
 
-    client = InferenceClient(f"http://{cfg.inference.host}:{cfg.inference.port}")
+    urls = list(cfg.inference.urls)
+    servers = InferenceServers(urls, server_jobs(len(urls)))
     try:
-        client.wait_healthy(cfg.inference.startup_timeout_s, check=check)
+        servers.wait_healthy(cfg.inference.startup_timeout_s, check=check)
     finally:
-        client.close()
+        servers.close()
 
 
 def _show_tail(path: Path, log: Any, lines: int = 15) -> None:

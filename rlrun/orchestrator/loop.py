@@ -1,8 +1,9 @@
 """The orchestrator loop: prompts -> completions -> rewards -> advantages -> a batch per step.
 
 Per step, in `Orchestrator.step`: wait until the trainer is at most
-`orchestrator.max_async_steps` behind and have inference load the newest weights; sample
-prompts and ask for `group_size` completions each (`Rollout`s); score them in the env
+`orchestrator.max_async_steps` behind and have every inference server load the newest
+weights; sample prompts and ask for `group_size` completions each, spread over the servers
+(`Rollout`s); score them in the env
 workers; compute GRPO advantages and write `rollouts/step_<n>/`; every
 `orchestrator.eval_interval` steps (and at the last) evaluate the policy on held-out prompts
 (`eval.py`); every `orchestrator.log_extras.interval` steps log sample rows and
@@ -36,7 +37,9 @@ class Orchestrator:
     def __init__(self, cfg: Any, run_dir: Path, stop: StopFlag) -> None:
         from rlrun.envs import env_configs, load_task
         from rlrun.envs.workers import EnvWorkerPool
-        from rlrun.inference.client import InferenceClient
+        from rlrun.inference.auth import read_token
+        from rlrun.inference.client import InferenceServers
+        from rlrun.inference.launch import server_jobs, server_url
         from rlrun.log import get_logger
         from rlrun.model import load_tokenizer, special_token_bias, wait_for_policy
         from rlrun.orchestrator.eval import Evaluator
@@ -57,8 +60,10 @@ class Orchestrator:
                                        self.ocfg.num_val_samples_to_print, self.logit_bias,
                                        self.ocfg.eval_samples_per_prompt, list(self.ocfg.eval_pass_k),
                                        self.ocfg.temperature)  # fmt: skip
-        url = f"http://{cfg.inference.host}:{cfg.inference.port}"
-        self.client = InferenceClient(url, timeout=self.ocfg.request_timeout_s)
+        # Every server: each step's prompts spread over them, new weights loaded into all of them.
+        urls = list(cfg.inference.urls) or [server_url(cfg.inference.host, cfg.inference.port)]  # a config of old
+        self.client = InferenceServers(urls, server_jobs(len(urls)), timeout=self.ocfg.request_timeout_s,
+                                       token=read_token(run_dir))  # fmt: skip
         self.client.wait_healthy(cfg.inference.startup_timeout_s, check=stop.check)  # inference may still be loading
         self.start = resume_step(run_dir) + 1
         self.tracker = Tracker(cfg.logger, job="orchestrator", output_dir=run_dir, run_name=cfg.name,
