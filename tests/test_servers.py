@@ -138,7 +138,7 @@ def test_two_servers_share_each_step_and_all_get_every_weights_update(tmp_path):
         wait_for(serving, "the orchestrator's first step", timeout_s=120, poll_s=0.1, max_poll_s=0.2)
         token = (run_dir / "secrets" / "inference_token").read_bytes().strip()
         tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        servers = [p for p in tree if "rlrun.inference" in p.cmdline()]
+        servers = [p for p in tree if "-m rlrun.inference " in " ".join(p.cmdline())]
         assert len(servers) == 2 and all(_token_free(p, token) for p in tree), "no token in any argv or environment"
         output, _ = proc.communicate(timeout=180)
     finally:
@@ -197,7 +197,7 @@ def test_a_dead_server_stops_the_run_naming_it(tmp_path):
 
         wait_for(stepping, "two orchestrator steps", timeout_s=120, poll_s=0.1, max_poll_s=0.2)
         tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        (second,) = [p for p in tree if p.cmdline()[-2:] == ["--server-index", "1"]]
+        (second,) = [p for p in tree if " ".join(p.cmdline()).strip().endswith("--server-index 1")]
         os.kill(second.pid, signal.SIGKILL)
         output, _ = proc.communicate(timeout=120)  # left alone it would train on to step 100000
     finally:
