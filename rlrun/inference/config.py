@@ -18,6 +18,9 @@ class InferenceConfig:
     backend: str = checked("local", one_of=("local", "vllm"))
     host: str = "127.0.0.1"
     port: int = 0  # 0: the parent picks a free port and gives it to every job
+    # Settled by the parent before any job starts: each inference server's base URL
+    # (http://<addr>:<port>); empty: the one server on host:port.
+    urls: list[str] = field(default_factory=list)
     max_batch_size: int = checked(512, gt=0)  # sequences generated together
     startup_timeout_s: float = 120.0
 

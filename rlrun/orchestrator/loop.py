@@ -56,7 +56,7 @@ class Orchestrator:
                                        self.ocfg.num_val_samples_to_print, self.logit_bias,
                                        self.ocfg.eval_samples_per_prompt, list(self.ocfg.eval_pass_k),
                                        self.ocfg.temperature)  # fmt: skip
-        url = f"http://{cfg.inference.host}:{cfg.inference.port}"
+        url = cfg.inference.urls[0] if cfg.inference.urls else f"http://{cfg.inference.host}:{cfg.inference.port}"
         self.client = InferenceClient(url, timeout=self.ocfg.request_timeout_s)
         self.client.wait_healthy(cfg.inference.startup_timeout_s, check=stop.check)  # inference may still be loading
         self.start = resume_step(run_dir) + 1
