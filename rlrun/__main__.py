@@ -27,6 +27,16 @@ def app(cfg: DictConfig) -> int:
     hc = HydraConfig.get()
     hydra_dir = Path(hc.runtime.output_dir).resolve()
     run_dir = Path(cfg.output_dir or hydra_dir).resolve()
+    if cfg.deployment.name == "slurm" and hc.mode.name != "MULTIRUN":
+        from rlrun.launcher.deployment import inside_allocation
+
+        if not inside_allocation():  # write the sbatch script that re-runs this command inside one
+            from rlrun.launcher.deployment.sbatch import submit
+
+            code = submit(cfg, run_dir, list(hc.overrides.task))
+            if code:
+                sys.exit(code)
+            return code
     info = None
     if hc.mode.name == "MULTIRUN":
         info = sweep.job_info(hc)

@@ -24,6 +24,8 @@ from rlrun.inference.config import SCHEMAS as INFERENCE_SCHEMAS
 from rlrun.inference.config import InferenceConfig
 from rlrun.inference.launch import check_servers
 from rlrun.launcher.config import MonitorConfig
+from rlrun.launcher.deployment.config import SCHEMAS as DEPLOYMENT_SCHEMAS
+from rlrun.launcher.deployment.config import DeploymentConfig, check_deployment
 from rlrun.orchestrator.config import OrchestratorConfig
 from rlrun.schema import ConfigError, check_fields, checked
 from rlrun.sft.config import SftConfig
@@ -38,7 +40,7 @@ from rlrun.tracking.config import (
 from rlrun.trainer.config import TrainerConfig
 
 __all__ = [
-    "CONF_DIR", "ConfigError", "DeliveryConfig", "DoctorConfig", "EnvWorkersConfig", "InferenceConfig", "LogExtrasConfig",
+    "CONF_DIR", "ConfigError", "DeliveryConfig", "DeploymentConfig", "DoctorConfig", "EnvWorkersConfig", "InferenceConfig", "LogExtrasConfig",
     "LoggerConfig", "MlflowLoggerConfig", "ModelConfig", "MonitorConfig", "OrchestratorConfig", "RunConfig",
     "SftConfig", "TaskConfig", "TensorboardLoggerConfig", "TrainerConfig", "WandbLoggerConfig", "load_run_config",
     "register", "validate",
@@ -95,6 +97,7 @@ class RunConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     doctor: DoctorConfig = field(default_factory=DoctorConfig)
+    deployment: DeploymentConfig = field(default_factory=DeploymentConfig)  # each option merges its own schema
 
 
 def _run_dir(resume_from: str | None, default: str) -> str:
@@ -112,6 +115,8 @@ def register() -> None:
     store.store(name="base_config", node=RunConfig)
     for backend, schema in INFERENCE_SCHEMAS.items():  # conf/inference/<backend>.yaml names its schema
         store.store(group="schema/inference", name=backend, node=schema)
+    for name, schema in DEPLOYMENT_SCHEMAS.items():  # conf/deployment/<name>.yaml too
+        store.store(group="schema/deployment", name=name, node=schema)
     for name in plugins():  # `logger=<name>` (or `logger=[a,b]`) turns the backend on
         if selectable(name) and not (CONF_DIR / "logger" / f"{name}.yaml").is_file():
             store.store(group="logger", name=name, node={name: {"enabled": True}})
@@ -120,11 +125,19 @@ def register() -> None:
 # ---------------------------------------------------------------- checks and loading
 
 
-def schema(backend: str = "local") -> DictConfig:
-    """The typed, empty run config for an inference backend (what a composed config merges into)."""
+def schema(backend: str = "local", deployment: str = "local") -> DictConfig:
+    """The typed, empty run config for an inference backend and a deployment (what a composed config merges into)."""
     if backend not in INFERENCE_SCHEMAS:
         raise ConfigError(f"inference.backend={backend!r}: must be one of {sorted(INFERENCE_SCHEMAS)}")
-    return OmegaConf.merge(RunConfig, {"inference": INFERENCE_SCHEMAS[backend]})  # type: ignore[return-value]
+    if deployment not in DEPLOYMENT_SCHEMAS:
+        raise ConfigError(f"deployment.name={deployment!r}: must be one of {sorted(DEPLOYMENT_SCHEMAS)}")
+    return OmegaConf.merge(RunConfig, {"inference": INFERENCE_SCHEMAS[backend],  # type: ignore[return-value]
+                                       "deployment": DEPLOYMENT_SCHEMAS[deployment]})  # fmt: skip
+
+
+def _schema_of(cfg: DictConfig) -> DictConfig:
+    return schema(str(OmegaConf.select(cfg, "inference.backend", default="local")),
+                  str(OmegaConf.select(cfg, "deployment.name", default="local")))  # fmt: skip
 
 
 def _check_schema(cfg: DictConfig) -> None:
@@ -132,7 +145,7 @@ def _check_schema(cfg: DictConfig) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        OmegaConf.merge(schema(str(cfg.inference.backend)), OmegaConf.to_container(cfg, resolve=False))
+        OmegaConf.merge(_schema_of(cfg), OmegaConf.to_container(cfg, resolve=False))
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
         raise ConfigError(f"{key}: {str(exc).splitlines()[0]}") from None
@@ -144,6 +157,7 @@ def validate(cfg: DictConfig) -> None:
     check_fields(cfg)
     check_doctor(cfg.doctor)
     check_servers(cfg.inference)
+    check_deployment(cfg)
     _check_task(cfg.task)
     if cfg.sft.data is not None and not Path(cfg.sft.data).expanduser().is_file():
         raise ConfigError(f"sft.data={cfg.sft.data!r}: no such file (a jsonl of prompt/completion pairs)")
@@ -193,7 +207,7 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Dic
     saved = OmegaConf.load(path)
     if overrides:
         saved = OmegaConf.merge(saved, OmegaConf.from_dotlist(overrides))
-    cfg = OmegaConf.merge(schema(str(OmegaConf.select(saved, "inference.backend", default="local"))), saved)
+    cfg = OmegaConf.merge(_schema_of(saved), saved)
     restore_secrets(cfg)
     validate(cfg)
     fill_job_log_extras(cfg)

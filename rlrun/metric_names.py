@@ -3,7 +3,8 @@ enabled tracker backend can take them all (`check_metric_names`, run by the laun
 
 Names follow the config: per environment (`<env>/...`, with several), per reward function
 (`rewards/<fn>/*`, where the environment declares its functions: `Environment.reward_names`),
-per pass@k, per job (`system/rss_mb/<job>`, `gpu/<i>/job_memory_used_gb/<job>`). The list is a superset of what a run logs (a
+per pass@k, per job (`system/rss_mb/<job>`, `gpu/<i>/job_memory_used_gb/<job>`), per node across several
+(`system/<node>/...`, `deployment.nodes`, settled inside the allocation). The list is a superset of what a run logs (a
 metric logged only on CUDA is listed anyway); tests hold it against every name real runs log.
 """
 
@@ -90,6 +91,7 @@ def planned_metrics(cfg: Any) -> dict[str, JobMetrics]:
     if cfg.monitor.gpu:
         monitor += [f"gpu/{i}/{s}" for i in range(MAX_GPUS_LISTED) for s in GPU_STATS] + [f"gpu/node/{s}" for s in GPU_NODE]
         monitor += [f"gpu/{i}/job_memory_used_gb/{job}" for i in range(MAX_GPUS_LISTED) for job in MONITOR_JOBS]
+    monitor += _node_names(cfg)
 
     plan = {
         "orchestrator": JobMetrics(orchestrator, ["distributions/reward", "distributions/advantage",
@@ -102,6 +104,21 @@ def planned_metrics(cfg: Any) -> dict[str, JobMetrics]:
     if cfg.monitor.system or cfg.monitor.gpu:
         plan["monitor"] = JobMetrics(monitor, [])
     return plan
+
+
+def _node_names(cfg: Any) -> list[str]:
+    """Each node's usage as the nodes' samplers name it (rlrun.launcher.node.by_node)."""
+    nodes = list(getattr(cfg.deployment, "nodes", None) or [])
+    servers = [f"inference_{k}" for k in range(int(getattr(cfg.deployment, "num_infer_nodes", 1)))]
+    jobs = [*MONITOR_JOBS, *servers]
+    names = []
+    for node in nodes:
+        names += [f"system/{node}/{m}" for m in ("cpu_percent", "ram_used_gb", "ram_percent")]
+        names += [f"system/{node}/{m}/{job}" for m in ("rss_mb", "job_cpu_percent") for job in jobs]
+        if cfg.monitor.gpu:
+            names += [f"gpu/{node}/{i}/{s}" for i in range(MAX_GPUS_LISTED) for s in GPU_STATS]
+            names += [f"gpu/{node}/{s}" for s in GPU_NODE]
+    return names
 
 
 def check_metric_names(cfg: Any) -> None:

@@ -1,17 +1,28 @@
 #!/usr/bin/env python3
-"""A throw-away single-node Slurm cluster on this machine, for trying and testing sweeps.
+"""A throw-away Slurm cluster on this machine, for trying and testing sweeps and multi-node runs.
 
     sudo python scripts/slurm_cluster.py up          # install (apt) if needed, start, print the env to use
     export SLURM_CONF=/tmp/rlrun-slurm-XXXX/slurm.conf
     python -m rlrun -m hydra/launcher=submitit_slurm seed=1,2 max_steps=5
     sudo python scripts/slurm_cluster.py down /tmp/rlrun-slurm-XXXX
 
-Debian's packages (`slurmctld slurmd slurm-client munge`) give a working cluster of one
-node: a private `munged` (own key and socket, run as the `munge` user), `slurmctld` and
-`slurmd`, all configured under one temporary directory, on free ports, so nothing of
-the machine's own (a system munged, a real cluster's /etc/slurm) is used or touched.
+    sudo python scripts/slurm_cluster.py up --nodes 3   # nodes n1, n2, n3 (one slurmd each)
+    salloc -N3 python -m rlrun deployment=slurm ...
+
+Debian's packages (`slurmctld slurmd slurm-client munge`) give a working cluster: a
+private `munged` (own key and socket, run as the `munge` user), `slurmctld` and one
+`slurmd` per node, all configured under one temporary directory, on free ports, so nothing
+of the machine's own (a system munged, a real cluster's /etc/slurm) is used or touched.
 Accounting is off (no slurmdbd), so `sacct` does not work here; rlrun's launcher reads
 job states from `squeue` / `scontrol` instead.
+
+One node (the default) is `localhost`. With `nodes > 1` the nodes `n1..nN` are several
+slurmd daemons on this one host (`slurmd -D -N nK`; Debian's slurmd allows it), each with
+its own port and its own spool, pid and log file (`%n` in slurm.conf). What that cannot
+show, and what tests must allow for: every node is the same machine (same CPUs, disk,
+processes); node names do not resolve (`NodeHostname=localhost NodeAddr=127.0.0.1`: use
+`SLURMD_NODENAME` and the node's NodeAddr, never a hostname); with `proctrack/linuxproc` a
+process re-parented to PID 1 leaves its step and survives `scancel`.
 
 Everything this module starts is stopped by the PID it recorded (`down`, or
 `Cluster.stop()`); the jobs still on the cluster are cancelled first. Needs root.
@@ -92,7 +103,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def slurm_conf(root: Path, cpus: int, ctld_port: int, slurmd_port: int, munge_socket: Path) -> str:
+def node_names(nodes: int) -> list[str]:
+    """The cluster's node names: `localhost` alone, or n1..nN."""
+    return ["localhost"] if nodes == 1 else [f"n{k}" for k in range(1, nodes + 1)]
+
+
+def slurm_conf(root: Path, cpus: int, ctld_port: int, slurmd_port: int, munge_socket: Path,
+               node_ports: dict[str, int] | None = None) -> str:  # fmt: skip
+    """slurm.conf for one node (`node_ports` None) or for several slurmd on this host (name -> port)."""
+    if not node_ports:
+        per_node = [
+            f"SlurmdSpoolDir={root / 'spool'}",
+            f"SlurmdPidFile={root / 'slurmd.pid'}",
+            f"SlurmdLogFile={root / 'slurmd.log'}",
+            f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=20000 State=UNKNOWN",
+            "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
+        ]
+    else:  # %n: each slurmd (`-N nK`) its own spool, pid file and log
+        per_node = [
+            f"SlurmdSpoolDir={root / 'spool' / '%n'}",
+            f"SlurmdPidFile={root / 'slurmd-%n.pid'}",
+            f"SlurmdLogFile={root / 'slurmd-%n.log'}",
+            *(f"NodeName={name} NodeHostname=localhost NodeAddr=127.0.0.1 Port={port} CPUs={cpus} "
+              "RealMemory=20000 State=UNKNOWN" for name, port in node_ports.items()),
+            f"PartitionName=debug Nodes={','.join(node_ports)} Default=YES MaxTime=INFINITE State=UP",
+        ]  # fmt: skip
     return "\n".join([
         "ClusterName=rlrun-test",
         "SlurmctldHost=localhost",
@@ -113,23 +148,22 @@ def slurm_conf(root: Path, cpus: int, ctld_port: int, slurmd_port: int, munge_so
         "KillWait=10",  # seconds between SIGTERM and SIGKILL when a job is cancelled / times out
         "MinJobAge=600",  # finished jobs stay visible to `scontrol show job` (no sacct here)
         f"StateSaveLocation={root / 'state'}",
-        f"SlurmdSpoolDir={root / 'spool'}",
         f"SlurmctldPidFile={root / 'slurmctld.pid'}",
-        f"SlurmdPidFile={root / 'slurmd.pid'}",
         f"SlurmctldLogFile={root / 'slurmctld.log'}",
-        f"SlurmdLogFile={root / 'slurmd.log'}",
-        f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=20000 State=UNKNOWN",
-        "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
+        *per_node,
         "",
     ])  # fmt: skip
 
 
 class Cluster:
-    """One node (`localhost`), one partition (`debug`); `env` is what clients need."""
+    """`nodes` nodes (`node_names`), one partition (`debug`); `env` is what clients need."""
 
-    def __init__(self, root: str | Path | None = None, cpus: int | None = None) -> None:
+    def __init__(self, root: str | Path | None = None, cpus: int | None = None, nodes: int = 1) -> None:
+        if nodes < 1:
+            raise ValueError(f"nodes={nodes}: a cluster needs at least one node")
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="rlrun-slurm-"))
         self.cpus = cpus or os.cpu_count() or 1
+        self.nodes = node_names(nodes)
         self.conf = self.root / "slurm.conf"
         self.pids: dict[str, int] = {}
         self._procs: dict[str, subprocess.Popen] = {}
@@ -155,10 +189,11 @@ class Cluster:
         if reason:
             raise ClusterError(reason)
         install()
+        self.root.mkdir(parents=True, exist_ok=True)  # `up DIR` with a DIR not made yet
         os.chmod(self.root, 0o755)  # munged (as `munge`) must reach its directory
         munge_dir = self.root / "munge"
         munge_dir.mkdir(exist_ok=True)
-        for sub in ("state", "spool"):
+        for sub in ("state", "spool", *(f"spool/{n}" for n in self.nodes if len(self.nodes) > 1)):
             (self.root / sub).mkdir(exist_ok=True)
         munge_user = pwd.getpwnam("munge")
         key = munge_dir / "munge.key"
@@ -173,7 +208,8 @@ class Cluster:
         os.chown(sock_dir, munge_user.pw_uid, munge_user.pw_gid)
         os.chmod(sock_dir, 0o755)
         socket_path = sock_dir / "munge.socket"
-        self.conf.write_text(slurm_conf(self.root, self.cpus, _free_port(), _free_port(), socket_path))
+        node_ports = {name: _free_port() for name in self.nodes} if len(self.nodes) > 1 else None
+        self.conf.write_text(slurm_conf(self.root, self.cpus, _free_port(), _free_port(), socket_path, node_ports))
         try:
             self._spawn("munged", [
                 which("munged"), "-F", f"--socket={socket_path}", f"--key-file={key}",
@@ -184,8 +220,9 @@ class Cluster:
             self._spawn("slurmctld", [which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
             self._wait(lambda: self._ok(["scontrol", "ping"]) and "UP" in self._out(["scontrol", "ping"]),
                        "slurmctld to answer", timeout_s)  # fmt: skip
-            self._spawn("slurmd", [which("slurmd"), "-D", "-N", "localhost", "-f", str(self.conf)])
-            self._wait(self._node_ready, "node localhost to be idle", timeout_s)
+            for name in self.nodes:
+                self._spawn(self._slurmd(name), [which("slurmd"), "-D", "-N", name, "-f", str(self.conf)])
+            self._wait(self._nodes_ready, f"node(s) {','.join(self.nodes)} to be idle", timeout_s)
         except BaseException:
             self.stop()
             raise
@@ -201,9 +238,14 @@ class Cluster:
         except subprocess.TimeoutExpired:
             return False
 
-    def _node_ready(self) -> bool:
-        state = self._out(["sinfo", "-h", "-N", "-o", "%T"]).strip().lower()
-        return state in ("idle", "mixed", "allocated")
+    def _slurmd(self, node: str) -> str:
+        """The name its slurmd's pid is kept under (`slurmd` alone, as before: `down` of an old dir works)."""
+        return "slurmd" if len(self.nodes) == 1 else f"slurmd-{node}"
+
+    def _nodes_ready(self) -> bool:
+        states = dict(line.split() for line in self._out(["sinfo", "-h", "-N", "-o", "%N %T"]).lower().splitlines()
+                      if len(line.split()) == 2)  # fmt: skip
+        return all(states.get(name.lower()) in ("idle", "mixed", "allocated") for name in self.nodes)
 
     def _wait(self, ready, what: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -235,7 +277,8 @@ class Cluster:
             deadline = time.monotonic() + timeout_s
             while self.jobs() and time.monotonic() < deadline:
                 time.sleep(0.5)
-        for name in ("slurmd", "slurmctld", "munged"):  # reverse start order
+        slurmds = sorted(name for name in pids if name.startswith("slurmd"))
+        for name in (*slurmds, "slurmctld", "munged"):  # reverse start order
             pid = pids.get(name)
             if pid:
                 _terminate(pid, self._procs.get(name), timeout_s=10.0)
@@ -287,11 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="install if needed and start the cluster; print the env to use")
     up.add_argument("dir", nargs="?", help="its directory (default: a new /tmp/rlrun-slurm-*)")
+    up.add_argument("--nodes", type=int, default=1, help="slurmd daemons on this host: localhost alone, or n1..nN")
     down = sub.add_parser("down", help="cancel its jobs and stop its daemons")
     down.add_argument("dir")
     args = parser.parse_args(argv)
     if args.command == "up":
-        cluster = Cluster(args.dir)
+        cluster = Cluster(args.dir, nodes=args.nodes)
         try:
             cluster.start()
         except ClusterError as exc:

@@ -103,7 +103,8 @@ def assert_names_planned(run_dir: str | Path) -> None:
     from rlrun.config import schema
     from rlrun.metric_names import planned_metrics
 
-    cfg = OmegaConf.merge(schema(), OmegaConf.load(Path(run_dir) / "config.yaml"))
+    saved = OmegaConf.load(Path(run_dir) / "config.yaml")
+    cfg = OmegaConf.merge(schema(deployment=OmegaConf.select(saved, "deployment.name", default="local")), saved)
     plan = planned_metrics(cfg)
     for path in sorted((Path(run_dir) / "metrics").glob("*.jsonl")):
         logged = read_records(path)

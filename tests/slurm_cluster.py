@@ -1,9 +1,13 @@
-"""A real single-node Slurm cluster for tests (scripts/slurm_cluster.py), one per session.
+"""A real Slurm cluster for tests (scripts/slurm_cluster.py): one node per session, or several.
 
     from slurm_cluster import slurm_cluster  # noqa: F401  (the fixture)
 
     def test_x(slurm_cluster):
         env = {**os.environ, **slurm_cluster.env}   # SLURM_CONF for sbatch/squeue/...
+
+    @pytest.fixture(scope="module")
+    def cluster():                       # nodes n1..n3: three slurmd on this host
+        yield from running_cluster(nodes=3)
 
 It installs Debian's packages when they are missing (apt-get, as root), starts a private
 munged, slurmctld and slurmd, and at the end cancels the jobs left on it and stops each
@@ -38,12 +42,17 @@ slurm = _load_script()
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
+    yield from running_cluster(nodes=1)
+
+
+def running_cluster(nodes: int):
+    """The body of a fixture: a started cluster of `nodes` nodes, stopped (every daemon by PID) afterwards."""
     if os.environ.get("RLRUN_SKIP_SLURM_TESTS"):
         pytest.skip("RLRUN_SKIP_SLURM_TESTS is set")
     reason = slurm.unavailable_reason()
     if reason:
         pytest.skip(f"no local Slurm cluster: {reason}")
-    cluster = slurm.Cluster()
+    cluster = slurm.Cluster(nodes=nodes)
     try:
         cluster.start()  # stops what it started when it fails
     except slurm.ClusterError as exc:

@@ -405,3 +405,31 @@ def test_start_monitor_follows_the_monitor_group_and_leaves_the_console_alone(tm
     monitor.close()
     monitor.close()  # idempotent
     assert _records(tmp_path)
+
+
+def test_across_nodes_each_node_sampled_by_its_own_sampler_and_merged_once(tmp_path, job_process):
+    """deployment=slurm: a sampler per node (names by node, no run-wide readings) and the parent's
+    monitor that reads no machine of its own and adds each node's newest sample exactly once."""
+    from rlrun.launcher.node import NodeSampleWriter
+
+    nodes_dir = tmp_path / "metrics" / "nodes"
+    samplers = {node: Monitor(NodeSampleWriter(nodes_dir / f"{node}.jsonl", node), tmp_path, system=True, storage=False,
+                              pids=lambda: {"trainer": job_process.pid}, collection_interval=0.05,
+                              flush_interval=0.05)  # fmt: skip
+                for node in ("n2", "n3")}
+    parent = Monitor(_tracker(tmp_path), tmp_path, system=True, machine=False, nodes_dir=nodes_dir, **FAST)
+    for sampler in samplers.values():
+        sampler._collect()
+        sampler._flush()
+    first = parent.sample()
+    assert {"system/n2/cpu_percent", "system/n3/ram_used_gb", "system/n2/rss_mb/trainer",
+            "system/n3/job_cpu_percent/trainer", "system/disk_used_gb", "system/elapsed_s"} <= set(first)
+    assert first["system/n2/rss_mb/trainer"] > 1.0  # the real process's memory, read on "its" node
+    assert not {"system/cpu_percent", "system/ram_used_gb", "system/rss_mb/trainer", "system/n2/disk_used_gb",
+                "system/n2/elapsed_s", "system/n2/train_step"} & set(first)  # fmt: skip
+    assert not any(name.startswith("system/n") for name in parent.sample())  # no new node sample: nothing again
+    samplers["n3"]._collect()
+    samplers["n3"]._flush()
+    again = parent.sample()
+    assert "system/n3/cpu_percent" in again and "system/n2/cpu_percent" not in again
+    parent.tracker.finish()

@@ -69,7 +69,7 @@ def split_url(url: str) -> tuple[str, int]:
 
 def check_servers(icfg: Any) -> None:
     """ConfigError naming the key: several vLLM servers, or `inference.urls` that do not fit."""
-    if icfg.backend == "vllm" and icfg.num_servers > 1:
+    if icfg.backend == "vllm" and icfg.num_servers > 1 and not icfg.urls:  # a deployment's nodes may each run one
         raise ConfigError(f"inference.num_servers={icfg.num_servers}: inference=vllm runs one server (give it "
                           "several GPUs with inference.tensor_parallel_size); several servers need inference=local")
     urls = list(icfg.urls)

@@ -41,6 +41,15 @@ training steps cannot be the step because many samples fall within one training 
 
 Without a usable GPU (no nvidia-ml-py, no driver, no device) `gpu=true` warns once and the
 system metrics go on. No failure of the monitor ever stops the run.
+
+Across several nodes (deployment=slurm) the parent sees only its own machine, which may not
+even be one of the run's nodes: each node runs its own sampler (`python -m rlrun.launcher.node
+sample`, this class with `storage=False`) that writes `metrics/nodes/<node>.jsonl` with the
+same readings named by node (`system/<node>/cpu_percent`, `system/<node>/rss_mb/<job>`,
+`gpu/<node>/<i>/utilization`, `gpu/<node>/utilization`, ...), and the parent's monitor
+(`machine=False`, `nodes_dir` set) adds each node's newest sample to its own, so the one
+`monitor` record and tracker runs hold every node, each reading once: the disk and run
+directory (one shared filesystem) and the two x-axes come from the parent only.
 """
 
 from __future__ import annotations
@@ -81,10 +90,16 @@ class Monitor:
         flush_interval: float = 10.0,
         pids: Callable[[], Mapping[str, int]] | None = None,
         warn: Callable[[str], None] | None = None,
+        machine: bool = True,
+        storage: bool = True,
+        nodes_dir: str | Path | None = None,
     ) -> None:
         self.tracker = tracker
         self.run_dir = Path(run_dir)
         self.system = system
+        self.machine = machine  # this machine's CPU, RAM and jobs (with `system`)
+        self.storage = storage  # the run directory's disk and size (with `system`)
+        self._nodes = _NodeSamples(Path(nodes_dir)) if nodes_dir is not None else None
         self.collection_interval = max(0.01, float(collection_interval))
         self.flush_interval = max(self.collection_interval, float(flush_interval))
         self.pids = pids or (lambda: {})
@@ -182,6 +197,8 @@ class Monitor:
         if self._gpu is not None:
             metrics.update(self._gpu.sample())
             metrics.update(self._gpu_per_job())
+        if self._nodes is not None:
+            metrics.update(self._nodes.newest())
         return metrics
 
     def _gpu_per_job(self) -> dict[str, float]:
@@ -203,16 +220,22 @@ class Monitor:
         return m
 
     def _system(self) -> dict[str, float]:
-        vm = psutil.virtual_memory()
-        m = {
-            "system/cpu_percent": psutil.cpu_percent(interval=None),
-            "system/ram_used_gb": (vm.total - vm.available) / GB,
-            "system/ram_percent": vm.percent,
-        }
-        for job, pid in self.pids().items():
-            usage = self._job_usage(job, pid)
-            if usage is not None:
-                m[f"system/rss_mb/{job}"], m[f"system/job_cpu_percent/{job}"] = usage
+        m: dict[str, float] = {}
+        if self.machine:
+            vm = psutil.virtual_memory()
+            m["system/cpu_percent"] = psutil.cpu_percent(interval=None)
+            m["system/ram_used_gb"] = (vm.total - vm.available) / GB
+            m["system/ram_percent"] = vm.percent
+            for job, pid in self.pids().items():
+                usage = self._job_usage(job, pid)
+                if usage is not None:
+                    m[f"system/rss_mb/{job}"], m[f"system/job_cpu_percent/{job}"] = usage
+        if self.storage:
+            m.update(self._storage())
+        return m
+
+    def _storage(self) -> dict[str, float]:
+        m: dict[str, float] = {}
         try:
             disk = shutil.disk_usage(self.run_dir)
             m["system/disk_used_gb"] = disk.used / GB
@@ -394,6 +417,26 @@ def _visible_handles(nv: Any) -> list[Any]:
 # ---------------------------------------------------------------- small helpers
 
 
+class _NodeSamples:
+    """The newest sample of each node's sampler (`metrics/nodes/<node>.jsonl`), read incrementally.
+
+    A node's sample is taken once: a node whose sampler has stopped adds nothing.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.tails: dict[Path, RecordTail] = {}
+
+    def newest(self) -> dict[str, float]:
+        merged: dict[str, float] = {}
+        for path in sorted(self.directory.glob("*.jsonl")) if self.directory.is_dir() else []:
+            tail = self.tails.setdefault(path, RecordTail(path))
+            records = tail.new_records()
+            if records:
+                merged.update(records[-1].get("metrics", {}))
+        return merged
+
+
 class _LatestStep:
     """The newest step of a job's jsonl record, read incrementally."""
 
@@ -427,8 +470,11 @@ def _tree_size(root: Path) -> int:
 
 
 def start_monitor(cfg: Any, run_dir: str | Path, pids: Callable[[], Mapping[str, int]],
-                  warn: Callable[[str], None] | None = None) -> Monitor | None:  # fmt: skip
+                  warn: Callable[[str], None] | None = None, nodes_dir: str | Path | None = None) -> Monitor | None:  # fmt: skip
     """The run's monitor per `cfg.monitor`, started; None when it is off or cannot start.
+
+    With `nodes_dir` (the jobs run on other nodes, each with its own sampler) it reads no
+    usage of this machine, only the run directory's disk, and merges the nodes' samples.
 
     Its tracker is `cfg.logger` without the console backend (usage lines every few seconds
     would bury the progress bar and the jobs' own lines).
@@ -437,6 +483,7 @@ def start_monitor(cfg: Any, run_dir: str | Path, pids: Callable[[], Mapping[str,
     if not (mon.system or mon.gpu):
         return None
     warn = warn or _log.warning
+    machine = nodes_dir is None
     try:
         from omegaconf import OmegaConf
 
@@ -446,8 +493,9 @@ def start_monitor(cfg: Any, run_dir: str | Path, pids: Callable[[], Mapping[str,
         logger_cfg.console.enabled = False
         tracker = Tracker(logger_cfg, job="monitor", output_dir=run_dir, run_name=cfg.name, rank=0)
         monitor = Monitor(
-            tracker, run_dir, system=bool(mon.system), gpu=bool(mon.gpu), pids=pids, warn=warn,
+            tracker, run_dir, system=bool(mon.system), gpu=bool(mon.gpu) and machine, pids=pids, warn=warn,
             collection_interval=float(mon.collection_interval), flush_interval=float(mon.flush_interval),
+            machine=machine, nodes_dir=nodes_dir,
         )  # fmt: skip
         return monitor.start()
     except Exception as exc:  # monitoring is an observer: the run goes on without it

@@ -2,12 +2,14 @@
 
 It only starts, watches and stops (as prime-rl's `rl` launcher does): the jobs do the work
 and talk through the run directory. With `sft.max_steps > 0` the SFT job runs first, alone
-(RL starts from the policy it leaves). Then the inference servers (`inference`, or
-`inference_<k>` for each of `inference.num_servers`), orchestrator and trainer start at once
-(orchestrator and trainer import torch while inference loads the model); the parent waits for
-every server's `/health` so that a server that cannot start is reported as such. The run is
-done when orchestrator and trainer exit 0; when any job fails, every job is stopped and the parent exits 1, or
+(RL starts from the policy it leaves). Then inference, orchestrator and trainer start at once (orchestrator and trainer
+import torch while inference loads the model); the parent waits for inference's `/health`
+so that a server that cannot start is reported as such. The run is done when orchestrator
+and trainer exit 0; when any job fails, every job is stopped and the parent exits 1, or
 `EXIT_DOCTOR` (3) when the job stopped on a run-doctor finding (`doctor.stop_on`).
+
+Where each job runs is the deployment's decision (`rlrun.launcher.deployment`): here
+(`deployment=local`) or through srun on the nodes of a Slurm allocation (`deployment=slurm`).
 """
 
 from __future__ import annotations
@@ -24,12 +26,11 @@ from rlrun.config import ConfigError, validate
 from rlrun.metric_names import check_metric_names
 from rlrun.job import StopFlag
 from rlrun.launcher import EXIT_CONFIG, EXIT_DOCTOR, EXIT_FAILED, EXIT_OK
-from rlrun.inference.launch import server_jobs
 from rlrun.launcher.prepare import prepare_dir, settle
-from rlrun.launcher.supervisor import Job, JobFailed, Supervisor, python_module, torchrun
+from rlrun.inference.launch import server_jobs
+from rlrun.launcher.supervisor import JobFailed, Supervisor, python_module
 from rlrun.redact import secrets_env
 from rlrun.sft import sft_model_dir
-from rlrun.rundir import is_inference_job, job_log
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> int:
@@ -46,25 +47,28 @@ def run(cfg: DictConfig, run_dir: str | Path) -> int:
     prepare_dir(cfg, run_dir)
 
     from rlrun.inference.launch import plan
+    from rlrun.launcher.deployment import DeploymentError, make_deployment
     from rlrun.log import setup_logger
     from rlrun.tracking.runs import end_runs
 
     log = setup_logger(cfg.log_level, run_dir / "logs" / "rl.log", job="rl")
     log.info(f"run directory: {run_dir}")
     try:
-        cfg = settle(cfg, run_dir, log)
+        deployment = make_deployment(cfg, run_dir, log)  # slurm: the allocation's nodes, the shared-filesystem check
+        cfg = settle(deployment.configure(cfg), run_dir, log)
         launch = plan(cfg, run_dir)
     except Exception as exc:  # a tracker or backend that can never work, a model that cannot be built
-        log.error(f"could not start the run: {exc if isinstance(exc, ConfigError) else f'{type(exc).__name__}: {exc}'}")
+        plain = isinstance(exc, (ConfigError, DeploymentError))
+        log.error(f"could not start the run: {exc if plain else f'{type(exc).__name__}: {exc}'}")
         end_runs(cfg.logger, "FAILED", log.warning)
         return EXIT_CONFIG
 
-    code = _start_and_watch(cfg, run_dir, launch, log)
+    code = _start_and_watch(cfg, run_dir, launch, deployment, log)
     end_runs(cfg.logger, "FINISHED" if code == EXIT_OK else "FAILED" if code == EXIT_FAILED else "KILLED", log.warning)
     return code
 
 
-def _start_and_watch(cfg: DictConfig, run_dir: Path, launch: Any, log: Any) -> int:
+def _start_and_watch(cfg: DictConfig, run_dir: Path, launch: Any, deployment: Any, log: Any) -> int:
     from rlrun.launcher.monitor import start_monitor
     from rlrun.launcher.progress import RunProgress, doctor_summary
     from rlrun.tracking.record import read_alerts
@@ -72,30 +76,33 @@ def _start_and_watch(cfg: DictConfig, run_dir: Path, launch: Any, log: Any) -> i
     stop = StopFlag().install()
     sup = Supervisor(run_dir, log=log.info)
     env = {**secrets_env(cfg), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    if cfg.preload_imports and _cpu_only(cfg):
+    if cfg.preload_imports and cfg.deployment.name == "local" and _cpu_only(cfg):
         sup.preload(preload_modules(cfg), env)
     config = ["--config", str(run_dir / "config.yaml")]
     progress = monitor = None
     code = EXIT_OK
     try:
-        monitor = start_monitor(cfg, run_dir, sup.running_pids, warn=log.warning)  # from the first job on
+        # From the first job on; across nodes it merges each node's sampler.
+        monitor = start_monitor(cfg, run_dir, sup.running_pids, warn=log.warning, nodes_dir=deployment.nodes_dir)
+        for sampler in deployment.samplers(cfg):
+            sup.start(sampler)
         if cfg.sft.max_steps > 0 and not (sft_model_dir(run_dir) / "config.json").is_file():
-            sup.start(_job(run_dir, "sft", _ranked_command("rlrun.sft", cfg.sft.num_ranks, config), env))
+            sup.start(deployment.ranked("sft", "rlrun.sft", cfg.sft.num_ranks, config, env))
             if not sup.wait({"sft"}, should_stop=lambda: bool(stop)):
                 raise KeyboardInterrupt  # a stop requested during the SFT stage
             log.info(f"sft stage finished ({cfg.sft.max_steps} steps); RL starts from {sft_model_dir(run_dir)}")
-        servers = server_jobs(len(launch.commands))
-        for name, command in zip(servers, launch.commands, strict=True):
-            sup.start(_job(run_dir, name, command, {**env, **launch.env}))
-        sup.start(_job(run_dir, "orchestrator", python_module("rlrun.orchestrator", *config), env))
-        trainer = _ranked_command("rlrun.trainer", cfg.trainer.num_ranks, config)
-        sup.start(_job(run_dir, "trainer", trainer, {**env, **launch.trainer_env}))
+        for server in deployment.inference(cfg, launch, env):
+            sup.start(server)
+        sup.start(deployment.job("orchestrator", python_module("rlrun.orchestrator", *config), env))
+        sup.start(deployment.ranked("trainer", "rlrun.trainer", cfg.trainer.num_ranks, config,
+                                    {**env, **launch.trainer_env}))  # fmt: skip
         _wait_serving(cfg, sup, stop)
-        if len(servers) == 1:
+        urls = list(cfg.inference.urls)
+        if len(urls) == 1:
             log.info(f"inference is serving on {cfg.inference.host}:{cfg.inference.port}")
         else:
-            log.info(f"inference is serving on {len(servers)} servers: "
-                     + ", ".join(f"{name} {url}" for name, url in zip(servers, cfg.inference.urls)))  # fmt: skip
+            log.info(f"inference is serving on {len(urls)} servers: "
+                     + ", ".join(f"{name} {url}" for name, url in zip(server_jobs(len(urls)), urls)))  # fmt: skip
 
         progress = RunProgress(run_dir, cfg.max_steps, warn=log.warning)
         finished = sup.wait({"orchestrator", "trainer"}, tick=progress.update, should_stop=lambda: bool(stop))
@@ -118,7 +125,7 @@ def _start_and_watch(cfg: DictConfig, run_dir: Path, launch: Any, log: Any) -> i
         else:
             code = EXIT_FAILED
             log.error(str(exc))
-            _show_tail(exc.job.log_file, log)
+            _show_tail(exc.log_file, log)
     except Exception as exc:
         code = EXIT_FAILED
         log.exception(f"the run failed: {exc}")
@@ -147,18 +154,6 @@ def preload_modules(cfg: DictConfig) -> list[str]:
     model = "transformers.models.llama.modeling_llama" if cfg.model.name == "tiny" else "transformers.modeling_utils"
     jobs = ["rlrun.inference.engine", "rlrun.inference.server", "rlrun.orchestrator.loop", "rlrun.trainer.loop"]
     return ["torch", "rlrun.model", model, "transformers.models.auto.tokenization_auto", *jobs]
-
-
-def _ranked_command(module: str, num_ranks: int, config: list[str]) -> list[str]:
-    if num_ranks > 1:  # ranks under torchrun
-        return torchrun(module, num_ranks, *config)
-    return python_module(module, *config)
-
-
-def _job(run_dir: Path, name: str, cmd: list[str], env: dict[str, str]) -> Job:
-    log_file = job_log(run_dir, name)
-    stdout = log_file if is_inference_job(name) else run_dir / "logs" / f"{name}.stdout"
-    return Job(name, cmd, log_file=log_file, stdout_file=stdout, env=env)
 
 
 def _wait_serving(cfg: DictConfig, sup: Supervisor, stop: StopFlag) -> None:

@@ -6,6 +6,11 @@ others get SIGTERM, a grace period, then SIGKILL, and the caller gets a `JobFail
 the job, its exit code and its log file. No job outlives the parent: on any exit path the
 parent stops what is still running, and each job also stops itself when the parent's pid
 disappears (`RLRUN_PARENT_PID`, see `rlrun.job.StopFlag`).
+
+A job placed on other nodes (deployment=slurm) is the same `Job` whose command starts with
+`srun`; it names its Slurm step (`step`), which is stopped with `scancel -s TERM`, then KILL
+(a signal to `srun` itself would reach the tasks as SIGKILL, without a grace period), and
+its failure names the node where it failed, from the node records (`rlrun.launcher.node`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ class Job:
     stdout_file: Path  # where its stdout and stderr go
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | ForkedProcess | None = None
+    nodes: tuple[str, ...] = ()  # where srun placed it (deployment=slurm); empty: this machine
+    step: str | None = None  # its Slurm step's name (deployment=slurm)
+    node_stdout: str | None = None  # each node's stdout and stderr, `{node}` in the path (a job on several nodes)
+    required: bool = True  # False: a failure is reported, not fatal (the nodes' usage samplers)
 
     @property
     def returncode(self) -> int | None:
@@ -43,10 +52,36 @@ class Job:
 class JobFailed(RuntimeError):
     def __init__(self, job: Job, code: int, run_dir: Path | None = None) -> None:
         self.job, self.code = job, code
+        self.node, node_code, self.log_file, stdout = _failure_site(job, run_dir)
+        code = code if node_code is None else node_code  # the failed node's own, not srun's summary of all
         reason = f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() else f"exit code {code}"
-        log_file = _relative(job.log_file, run_dir)
-        extra = "" if job.stdout_file == job.log_file else f" (stdout/stderr: {_relative(job.stdout_file, run_dir)})"
-        super().__init__(f"job '{job.name}' failed ({reason}); see its log {log_file}{extra}")
+        where = f" on node {self.node}" if self.node else f" on nodes {','.join(job.nodes)}" if job.nodes else ""
+        log_file = _relative(self.log_file, run_dir)
+        extra = "" if stdout == self.log_file else f" (stdout/stderr: {_relative(stdout, run_dir)})"
+        super().__init__(f"job '{job.name}' failed{where} ({reason}); see its log {log_file}{extra}")
+
+
+def _failure_site(job: Job, run_dir: Path | None) -> tuple[str | None, int | None, Path, Path]:
+    """(node, its exit code, log, stdout) of a failure: on several nodes, the first node whose part
+    failed (from the node records), and the log of a rank that ran there."""
+    if not job.nodes:
+        return None, None, job.log_file, job.stdout_file
+    from rlrun.launcher.node import failed_node, job_records, rank_records
+
+    node = failed_node(run_dir, job.name) if run_dir is not None else None
+    if node is None and len(job.nodes) == 1:
+        node = job.nodes[0]
+    if node is None:
+        return None, None, job.log_file, job.stdout_file
+    records = [r for r in job_records(run_dir, job.name) if r.get("node") == node] if run_dir is not None else []
+    code = records[-1].get("exit_code") if records else None
+    log_file = job.log_file
+    if run_dir is not None and job.log_file.name.startswith("rank_"):  # a job with ranks: one of this node's
+        ranks = [r["rank"] for r in rank_records(run_dir, job.name) if r.get("node") == node]
+        if ranks:
+            log_file = job.log_file.with_name(f"rank_{ranks[0]}.log")
+    stdout = Path(job.node_stdout.format(node=node)) if job.node_stdout else job.stdout_file
+    return node, code, log_file, stdout
 
 
 def _relative(path: Path, root: Path | None) -> str:
@@ -76,6 +111,7 @@ class Supervisor:
         self.jobs: list[Job] = []
         self.log = log
         self.zygote: Zygote | None = None
+        self._reported: set[str] = set()
 
     @staticmethod
     def _env(extra: dict[str, str]) -> dict[str, str]:
@@ -104,7 +140,8 @@ class Supervisor:
                     env=env, start_new_session=True,
                 )  # fmt: skip
         self.jobs.append(job)
-        self.log(f"started {job.name} (pid {job.proc.pid}{how}): log {_relative(job.log_file, self.run_dir)}")
+        where = f" on node{'s' if len(job.nodes) > 1 else ''} {','.join(job.nodes)} through srun" if job.nodes else ""
+        self.log(f"started {job.name}{where} (pid {job.proc.pid}{how}): log {_relative(job.log_file, self.run_dir)}")
         return job
 
     def running_pids(self) -> dict[str, int]:
@@ -112,11 +149,15 @@ class Supervisor:
         return {j.name: j.proc.pid for j in list(self.jobs) if j.proc is not None and j.proc.returncode is None}
 
     def check(self) -> None:
-        """Raise JobFailed for the first job that exited non-zero."""
+        """Raise JobFailed for the first required job that exited non-zero (the others are reported once)."""
         for job in self.jobs:
             code = job.returncode
             if code not in (None, 0):
-                raise JobFailed(job, code, self.run_dir)
+                if job.required:
+                    raise JobFailed(job, code, self.run_dir)
+                if job.name not in self._reported:
+                    self._reported.add(job.name)
+                    self.log(f"{JobFailed(job, code, self.run_dir)}; the run goes on without it")
 
     def wait(self, names: set[str], poll_s: float = 0.5, tick: Callable[[], None] | None = None,
              should_stop: Callable[[], bool] | None = None) -> bool:  # fmt: skip
@@ -141,8 +182,10 @@ class Supervisor:
         behind by a crashed leader).
         """
         groups = [job for job in self.jobs if job.proc is not None]
+        steps = [job.step for job in groups if job.step]
+        _signal_steps(steps, "TERM")  # every node's processes, through slurmstepd
         for job in groups:
-            if job.returncode is None:
+            if job.returncode is None and not job.step:
                 self._signal(job, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         for job in groups:
@@ -151,6 +194,7 @@ class Supervisor:
                 job.proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 self.log(f"{job.name} did not stop within {grace_s:.0f}s; killing it")
+        _signal_steps(steps, "KILL")  # what is left of the steps (srun exits once its tasks have)
         for job in groups:  # whatever is left in each group, leader or not
             self._signal(job, signal.SIGKILL)
             assert job.proc is not None
@@ -182,3 +226,10 @@ class Supervisor:
                 pass
         except PermissionError:
             pass
+
+
+def _signal_steps(steps: list[str], sig: str) -> None:
+    if steps:
+        from rlrun.launcher.deployment.slurm import signal_steps
+
+        signal_steps(steps, sig)

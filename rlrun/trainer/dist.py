@@ -91,6 +91,7 @@ def run_ranked_job(job: str, prog: str, description: str, argv: list[str] | None
     stopped it, 1 on an error (logged with its traceback).
     """
     from rlrun.job import StopFlag, StopRequested, load_job_config, parse_job_args
+    from rlrun.launcher.node import record_rank
     from rlrun.log import setup_logger
     from rlrun.rundir import job_log
 
@@ -100,6 +101,10 @@ def run_ranked_job(job: str, prog: str, description: str, argv: list[str] | None
     run_dir = Path(cfg.output_dir) if cfg.output_dir else Path(args.config).resolve().parent
     rank = int(os.environ.get("RANK", "0"))
     log = setup_logger(cfg.log_level, job_log(run_dir, job, rank), job=f"{job}[{rank}]")
+    node = record_rank(run_dir, job, rank)  # deployment=slurm: the parent can tell which node a rank ran on
+    if node is not None:
+        log.info(f"{job} rank {rank} on node {node} (SLURMD_NODENAME={os.environ.get('SLURMD_NODENAME')}, "
+                 f"pid {os.getpid()})")  # fmt: skip
     torch.set_num_threads(num_threads(cfg))
     ranks = Ranks()
     code = 0
