@@ -90,7 +90,7 @@ def planned_metrics(cfg: Any) -> dict[str, JobMetrics]:
     monitor = list(SYSTEM) + [f"system/{m}/{job}" for m in ("rss_mb", "job_cpu_percent") for job in jobs]
     if cfg.monitor.gpu:
         monitor += [f"gpu/{i}/{s}" for i in range(MAX_GPUS_LISTED) for s in GPU_STATS] + [f"gpu/node/{s}" for s in GPU_NODE]
-        monitor += [f"gpu/{i}/job_memory_used_gb/{job}" for i in range(MAX_GPUS_LISTED) for job in MONITOR_JOBS]
+        monitor += [f"gpu/{i}/job_memory_used_gb/{job}" for i in range(MAX_GPUS_LISTED) for job in jobs]
     monitor += _node_names(cfg)
 
     plan = {
