@@ -109,8 +109,7 @@ def planned_metrics(cfg: Any) -> dict[str, JobMetrics]:
 def _node_names(cfg: Any) -> list[str]:
     """Each node's usage as the nodes' samplers name it (rlrun.launcher.node.by_node)."""
     nodes = list(getattr(cfg.deployment, "nodes", None) or [])
-    servers = [f"inference_{k}" for k in range(int(getattr(cfg.deployment, "num_infer_nodes", 1)))]
-    jobs = [*MONITOR_JOBS, *servers]
+    jobs = [*MONITOR_JOBS, *server_jobs(int(cfg.inference.num_servers))]  # one server per inference node
     names = []
     for node in nodes:
         names += [f"system/{node}/{m}" for m in ("cpu_percent", "ram_used_gb", "ram_percent")]
