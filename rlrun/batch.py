@@ -37,20 +37,23 @@ def pad_sequences(
     (1 on completion tokens) and, with `completion_values`, those values at the completion's
     positions (`old_logprobs`). The one place RL batches and SFT batches are laid out."""
     width = max(len(p) + len(c) for p, c in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    loss_mask = torch.zeros((len(rows), width), dtype=torch.float32)
-    values = torch.zeros((len(rows), width), dtype=torch.float32) if completion_values is not None else None
+    # Plain lists padded row by row, then one tensor per field: a tensor per row was ~2 ms of
+    # the orchestrator's step (128 rows) on its critical path.
+    ids, attention, loss, values = [], [], [], []
     for i, (prompt, completion) in enumerate(rows):
         p, c = len(prompt), len(completion)
-        input_ids[i, : p + c] = torch.tensor([*prompt, *completion], dtype=torch.long)
-        attention_mask[i, : p + c] = 1
-        loss_mask[i, p : p + c] = 1.0
-        if values is not None:
-            values[i, p : p + c] = torch.tensor(completion_values[i], dtype=torch.float32)
+        pad = width - p - c
+        ids.append([*prompt, *completion, *[pad_id] * pad])
+        attention.append([1] * (p + c) + [0] * pad)
+        loss.append([0.0] * p + [1.0] * c + [0.0] * pad)
+        if completion_values is not None:
+            values.append([0.0] * p + [float(v) for v in completion_values[i]] + [0.0] * pad)
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    attention_mask = torch.tensor(attention, dtype=torch.long)
+    loss_mask = torch.tensor(loss, dtype=torch.float32)
     out = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
-    if values is not None:
-        out["old_logprobs"] = values
+    if completion_values is not None:
+        out["old_logprobs"] = torch.tensor(values, dtype=torch.float32)
     return out
 
 

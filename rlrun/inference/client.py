@@ -19,6 +19,7 @@ naming the server (its job and URL) when one fails.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -68,7 +69,8 @@ class InferenceClient:
             except Exception:
                 message = response.text[:500]
             raise InferenceError(f"{method} {path} -> {response.status_code}: {message}", response.status_code)
-        return response.json() if response.content else {}  # vLLM answers some routes with an empty 200
+        # The standard library's C decoder: requests' .json() takes simplejson where installed.
+        return json.loads(response.content) if response.content else {}  # vLLM answers some routes with an empty 200
 
     def close(self) -> None:
         self._session.close()
