@@ -324,3 +324,47 @@ def test_pass_at_k_unbiased_estimator_by_hand():
     m = sampled_metrics([[1.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.0, 2.0]],
                         [[True, False, False, False], [False, False, False, True]], ks=[1, 2, 8])  # fmt: skip
     assert m == {"avg@4": pytest.approx(0.5), "pass@1": pytest.approx(0.25), "pass@2": pytest.approx(0.5)}, "k > n is left out"
+
+
+def test_a_stop_after_the_batch_is_written_still_logs_the_step(hydra_compose, tmp_path, monkeypatch):
+    """A stop (a requeue's SIGTERM) between writing a step's batch and logging the step lost its
+    record for good: the trainer may train and checkpoint that batch, and a resume starts after
+    the checkpoint. The written step is logged; the stop then ends the run before the next."""
+    from omegaconf import open_dict
+
+    import rlrun.batch
+    from rlrun.inference.auth import create_token, read_token
+    from rlrun.inference.engine import Engine
+    from rlrun.inference.server import InferenceServer
+    from rlrun.job import StopFlag, StopRequested
+    from rlrun.log import setup_logger
+    from rlrun.model import build_tiny_model, load_model
+    from rlrun.orchestrator.loop import Orchestrator
+    from rlrun.tracking.record import read_metrics
+
+    cfg = hydra_compose("sft.max_steps=0", "max_steps=3", "orchestrator.eval_interval=1")
+    setup_logger("INFO", tmp_path / "logs" / "orchestrator.log", job="orchestrator")
+    model, tokenizer = load_model(build_tiny_model(tmp_path / "model", cfg.model, cfg.seed))
+    create_token(tmp_path)
+    server = InferenceServer(Engine(model, tokenizer), "127.0.0.1", 0, model_name="tiny", token=read_token(tmp_path),
+                             weights_root=tmp_path).start()  # fmt: skip
+    with open_dict(cfg):
+        cfg.output_dir, cfg.inference.urls, cfg.inference.port = str(tmp_path), [server.url], server.port
+    stop = StopFlag()
+    written = rlrun.batch.write_batch
+
+    def write_then_stop(*args, **kwargs):
+        out = written(*args, **kwargs)
+        stop.set()  # as if SIGTERM came right after the batch reached the trainer
+        return out
+
+    monkeypatch.setattr(rlrun.batch, "write_batch", write_then_stop)
+    try:
+        with pytest.raises(StopRequested):
+            Orchestrator(cfg, tmp_path, stop).run()
+    finally:
+        server.shutdown()
+    records = [r for r in read_metrics(tmp_path / "metrics" / "orchestrator.jsonl") if r.get("type", "metrics") == "metrics"]
+    assert [r["step"] for r in records] == [1], "the written step is logged, and nothing after it"
+    assert "reward" in records[0]["metrics"] and not any(k.startswith("eval/") for k in records[0]["metrics"])
+    assert (tmp_path / "rollouts" / "step_1").is_dir() and not (tmp_path / "rollouts" / "step_2").exists()

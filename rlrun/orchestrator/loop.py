@@ -125,17 +125,20 @@ class Orchestrator:
             write_batch(self.run_dir, step, build_batch(rollouts, int(self.tokenizer.pad_token_id)), meta)
             # The trainer may still read steps down to step - max_async_steps.
             prune(self.run_dir / "rollouts", max(ocfg.keep_last, ocfg.max_async_steps + 2))
-        self.stop.check()
+        # Once its batch is written the step is logged, also when a stop came meanwhile: the
+        # trainer may train (and checkpoint) it, and a resume starts after that checkpoint.
+        # A stop skips only the evaluation and the extras.
+        stopping = bool(self.stop)
 
         # The trainer already has this step's batch; evaluate the policy that generated it
         # (at the last step, the final weights: what the run leaves behind).
         eval_metrics: dict[str, float] = {}
-        if self.evaluator is not None and is_eval_step(step, ocfg.eval_interval, cfg.max_steps):
+        if not stopping and self.evaluator is not None and is_eval_step(step, ocfg.eval_interval, cfg.max_steps):
             if step == cfg.max_steps:  # the final evaluation scores the final weights
                 self._sync_weights(step)
             with tracker.timer("eval"):
                 eval_metrics = self.evaluator.evaluate(step, self.client, self, self.log, self.loaded_version)
-        if (self.xcfg.samples or self.xcfg.distributions) and is_logging_step(step, self.xcfg.interval):
+        if not stopping and (self.xcfg.samples or self.xcfg.distributions) and is_logging_step(step, self.xcfg.interval):
             log_rollout_extras(tracker, self.xcfg, step, random.Random(f"{cfg.seed}/samples/{step}"), rollouts)
 
         generated = sum(len(r.completion_ids) for r in rollouts)
@@ -164,6 +167,7 @@ class Orchestrator:
             f"len {metrics['completions/mean_length']:.1f} | policy v{sampled_by} | "
             f"generate {generate.seconds:.2f}s | e.g. {rollouts[0].example.prompt!r} -> {rollouts[0].text!r}"
         )
+        self.stop.check()
 
     # ------------------------------------------------------------ the step's parts
 
