@@ -66,6 +66,21 @@ def app_env(tmp: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def alive(procs):
+    """The processes (psutil.Process objects or pids) still running and not zombies, in order."""
+    import psutil
+
+    out = []
+    for item in procs:
+        try:
+            proc = item if isinstance(item, psutil.Process) else psutil.Process(item)
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(item)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
 def run_app(
     run_dir: str | Path, *overrides: str, timeout: float, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:

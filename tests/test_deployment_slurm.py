@@ -24,7 +24,7 @@ import yaml
 
 from slurm_cluster import running_cluster, scontrol, squeue, wait_until
 
-from conftest import ROOT, app_env, assert_names_planned, metrics
+from conftest import ROOT, alive, app_env, assert_names_planned, metrics
 
 from rlrun.rundir import latest_step
 
@@ -73,15 +73,6 @@ def _pids(run_dir: Path) -> set[int]:
     return pids
 
 
-def _alive(pids: set[int]) -> list[int]:
-    alive = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                alive.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
 
 
 def _scontrol_field(cluster, job_id: str, field: str) -> str | None:
@@ -164,7 +155,7 @@ def test_a_trainer_rank_killed_on_the_second_node_stops_every_job_on_every_node(
         assert len(pids) >= 8 and victim["pid"] in pids  # agents, servers, torchrun agents and ranks
         os.kill(victim["pid"], signal.SIGKILL)
         killed_at = time.monotonic()
-        wait_until(lambda: not _alive(pids), "every process of the run to end", timeout_s=10.0, poll_s=0.1)
+        wait_until(lambda: not alive(pids), "every process of the run to end", timeout_s=10.0, poll_s=0.1)
         gone_after = time.monotonic() - killed_at
         output, _ = proc.communicate(timeout=30)
     finally:
@@ -174,7 +165,7 @@ def test_a_trainer_rank_killed_on_the_second_node_stops_every_job_on_every_node(
     expected = (f"job 'trainer' failed on node n3 (exit code 1); see its log logs/trainer/rank_{victim['rank']}.log "
                 "(stdout/stderr: logs/trainer/node_n3.stdout)")  # fmt: skip
     assert expected in output and expected in (run_dir / "logs" / "rl.log").read_text()
-    assert not _alive(_pids(run_dir) | pids)
+    assert not alive(_pids(run_dir) | pids)
     assert squeue(cluster).strip() == ""
 
 
@@ -194,7 +185,7 @@ def test_sigterm_to_the_parent_stops_all_and_a_resumed_run_continues_from_its_ch
         _end(proc, cluster)
     assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
     assert "stop requested (signal 15); stopping every job gracefully" in output
-    assert not _alive(pids)
+    assert not alive(pids)
     stopped_at = max(r["step"] for r in metrics(run_dir, "trainer"))
     newest = max(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
     assert 4 <= newest <= stopped_at

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import app_env, assert_names_planned, metrics, records, run_app, spawn_app, wandb_records
+from conftest import alive, app_env, assert_names_planned, metrics, records, run_app, spawn_app, wandb_records
 
 from rlrun.rundir import wait_for
 from rlrun.tracking.record import read_alerts
@@ -40,15 +40,6 @@ def _tree(pid: int) -> list[psutil.Process]:
     return [parent, *parent.children(recursive=True)]
 
 
-def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
-    alive = []
-    for p in procs:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                alive.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
 
 
 # ---------------------------------------------------------------- it trains
@@ -194,7 +185,7 @@ def test_killed_orchestrator_stops_the_whole_run(tmp_path):
             proc.kill()
     assert proc.returncode != 0
     assert "orchestrator" in output and "logs/orchestrator.log" in output and "SIGKILL" in output
-    assert _alive(tree) == [], "no process left behind"
+    assert alive(tree) == [], "no process left behind"
 
 
 @pytest.mark.timeout(600)  # 120 s to step 10, 120 s to stop, 300 s to resume
@@ -212,7 +203,7 @@ def test_sigterm_flushes_then_resume_logs_each_step_once(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, output[-2000:]
-    assert _alive(tree) == []
+    assert alive(tree) == []
     stopped_at = metrics(run_dir, "trainer")[-1]["step"]
     assert stopped_at >= 10, "the trainer's tracker was flushed on SIGTERM"
     assert stopped_at < 30

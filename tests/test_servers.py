@@ -12,7 +12,7 @@ import psutil
 import pytest
 import torch
 import yaml
-from conftest import assert_names_planned, metrics, spawn_app
+from conftest import alive, assert_names_planned, metrics, spawn_app
 
 from rlrun.inference.client import InferenceError, InferenceServers, even_shares
 from rlrun.inference.engine import Engine
@@ -109,15 +109,6 @@ def _token_free(proc: psutil.Process, token: bytes) -> bool:
     return token not in cmdline and token not in environ
 
 
-def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
-    alive = []
-    for p in procs:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                alive.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
 
 
 @pytest.mark.slow
@@ -205,4 +196,4 @@ def test_a_dead_server_stops_the_run_naming_it(tmp_path):
             proc.kill()
     assert proc.returncode == 1, output[-3000:]
     assert "job 'inference_1' failed (killed by SIGKILL); see its log logs/inference_1.stdout" in output
-    assert _alive(tree) == [], "no process left behind"
+    assert alive(tree) == [], "no process left behind"

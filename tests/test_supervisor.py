@@ -8,6 +8,7 @@ import time
 
 import psutil
 import pytest
+from conftest import alive
 
 from rlrun.launcher.supervisor import Job, JobFailed, Supervisor
 from rlrun.rundir import wait_for
@@ -42,15 +43,6 @@ def _descendants(pids: list[int]) -> list[psutil.Process]:
     return [p for p in found if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-def _alive(pids: list[int]) -> list[int]:
-    alive = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                alive.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
 
 
 def test_failing_job_is_named_and_everything_is_stopped(tmp_path):
@@ -77,7 +69,7 @@ def test_failing_job_is_named_and_everything_is_stopped(tmp_path):
     sup.stop_all(grace_s=5)
     assert not [m for m in said if "did not stop" in m], said
     assert inference.proc.returncode == trainer.proc.returncode == -signal.SIGTERM, "stopped by SIGTERM, in the grace"
-    assert _alive(tree) == [], "processes left behind"
+    assert alive(tree) == [], "processes left behind"
 
 
 def test_job_killed_by_signal_is_reported(tmp_path):
