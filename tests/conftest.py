@@ -66,6 +66,14 @@ def app_env(tmp: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def no_eos_alert(step: int, stop: bool = False) -> Any:
+    """The run-doctor finding the tracker backends' tests log and read back (a fixed time per step)."""
+    from rlrun.tracking.base import Alert
+
+    return Alert(job="trainer", rule="no_eos", metric="completions/clipped_ratio", step=step, value=0.95,
+                 detail="(>= 0.9 for 10 steps)", hint="raise max_tokens", stop=stop, time=1_700_000_000.0 + step)  # fmt: skip
+
+
 def alive(procs):
     """The processes (psutil.Process objects or pids) still running and not zombies, in order."""
     import psutil

@@ -22,18 +22,14 @@ from click.testing import CliRunner  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from rlrun.tracking.backends.aim import AimBackend, AimLoggerConfig  # noqa: E402
-from rlrun.tracking.base import Alert, MetricPoint, TrackerContext  # noqa: E402
+from conftest import no_eos_alert  # noqa: E402
+from rlrun.tracking.base import MetricPoint, TrackerContext  # noqa: E402
 
 NAMES = ("loss", "rewards/lcs/mean", "eval/pass@4", "time/step")
 
 
 def _value(name: str, step: int) -> float:
     return NAMES.index(name) * 1000.0 + step / 8  # exact in binary floating point
-
-
-def _alert(step: int, stop: bool = False) -> Alert:
-    return Alert(job="trainer", rule="no_eos", metric="completions/clipped_ratio", step=step, value=0.95,
-                 detail="(>= 0.9 for 10 steps)", hint="completions hit max_tokens", stop=stop, time=time.time())  # fmt: skip
 
 
 @pytest.fixture
@@ -83,8 +79,8 @@ def test_aim_roundtrip_across_a_restart(tmp_path, offline):
 
     checkins.check_in = failing_once
     with pytest.raises(OSError):
-        first.log_alert(_alert(12))  # recorded, then failed
-    first.log_alert(_alert(12))  # the delivery layer's retry: not recorded twice
+        first.log_alert(no_eos_alert(12))  # recorded, then failed
+    first.log_alert(no_eos_alert(12))  # the delivery layer's retry: not recorded twice
     first.finish()
     first.finish()  # idempotent
 
@@ -94,8 +90,8 @@ def test_aim_roundtrip_across_a_restart(tmp_path, offline):
     # The job restarts from a step-24 checkpoint: 25..30 come again, with other values.
     second.log_metrics([MetricPoint(s, {n: -_value(n, s) if s <= 30 else _value(n, s) for n in NAMES}, time.time())
                         for s in range(25, 61)])  # fmt: skip
-    second.log_alert(_alert(12))  # already in the run: not logged twice
-    second.log_alert(_alert(40, stop=True))
+    second.log_alert(no_eos_alert(12))  # already in the run: not logged twice
+    second.log_alert(no_eos_alert(40, stop=True))
     second.finish()
     left = [t for t in set(threading.enumerate()) - threads_before if t.is_alive()]
     assert not left, f"threads left running after finish(): {left}"
@@ -132,8 +128,8 @@ def test_aim_roundtrip_across_a_restart(tmp_path, offline):
 
     _, (records,) = run.get_log_records().data.view("val").items_list()
     assert [(r.message, r.level) for r in records] == [
-        (_alert(12).text(), logging.WARNING),
-        (_alert(40, stop=True).text(), logging.ERROR),
+        (no_eos_alert(12).text(), logging.WARNING),
+        (no_eos_alert(40, stop=True).text(), logging.ERROR),
     ]
     assert records[1].json()["args"] == {"job": "trainer", "rule": "no_eos", "metric": "completions/clipped_ratio",
                                          "step": 40, "value": 0.95}  # fmt: skip

@@ -24,7 +24,8 @@ from rlrun.tracking.backends.clearml import (  # noqa: E402
     _local_task_class,
     read_events,
 )
-from rlrun.tracking.base import Alert, MetricPoint, TrackerContext  # noqa: E402
+from conftest import no_eos_alert  # noqa: E402
+from rlrun.tracking.base import MetricPoint, TrackerContext  # noqa: E402
 
 
 @pytest.fixture
@@ -42,11 +43,6 @@ def isolated_home(tmp_path, monkeypatch):
     yield home
     assert (sorted(real.rglob("*")) if real.exists() else []) == before, "nothing in ~/.clearml"
     assert not any(home.rglob("*")), "nothing written to HOME"
-
-
-def _alert(step: int, stop: bool = False) -> Alert:
-    return Alert(job="trainer", rule="no_eos", metric="completions/clipped_ratio", step=step, value=0.95,
-                 detail="(>= 0.9 for 10 steps)", hint="raise max_tokens", stop=stop, time=1_700_000_000.0 + step)  # fmt: skip
 
 
 def _metrics(step: int, offset: float = 0.0) -> dict[str, float]:
@@ -78,8 +74,8 @@ def test_roundtrip_across_a_restart(tmp_path, no_network, isolated_home):
     first.log_samples(samples, step=10)  # retried
     first.log_distribution("distributions/reward", [0.0, 0.25, 0.5, 1.0], step=10)
     first.log_distribution("distributions/reward", [0.0, 0.25, 0.5, 1.0], step=10)  # retried
-    first.log_alert(_alert(12))
-    first.log_alert(_alert(12))  # retried
+    first.log_alert(no_eos_alert(12))
+    first.log_alert(no_eos_alert(12))  # retried
     first.finish()
     session = run_dir / "clearml" / task_id
     assert (run_dir / "clearml" / f"{task_id}.zip").exists()
@@ -93,8 +89,8 @@ def test_roundtrip_across_a_restart(tmp_path, no_network, isolated_home):
     second.log_samples([{"prompt": "again", "completion": "", "reward": 0.0}], step=10)  # the session has it
     second.log_samples([{"prompt": "later", "completion": "z", "reward": 0.5}], step=40)
     second.log_distribution("distributions/reward", [1.0, 2.0, 3.0], step=40)
-    second.log_alert(_alert(12))  # the log has it
-    second.log_alert(_alert(41, stop=True))
+    second.log_alert(no_eos_alert(12))  # the log has it
+    second.log_alert(no_eos_alert(41, stop=True))
     second.finish()
     second.finish()  # idempotent
 
@@ -127,7 +123,7 @@ def test_roundtrip_across_a_restart(tmp_path, no_network, isolated_home):
     assert (hist["x"][0], sum(hist["y"])) == ("1.0", 3)
 
     logs = [(e["level"], e["msg"]) for e in events if e["type"] == "log"]
-    assert logs == [("WARNING", _alert(12).text()), ("ERROR", _alert(41, stop=True).text())]
+    assert logs == [("WARNING", no_eos_alert(12).text()), ("ERROR", no_eos_alert(41, stop=True).text())]
 
     task = _reload((run_dir / "clearml").absolute(), task_id)  # ClearML's offline reader of task.json
     assert task.name == "exp-trainer" and task.get_tags() == ["grpo"]

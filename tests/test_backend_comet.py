@@ -20,7 +20,8 @@ from rlrun.tracking.backends.comet import (  # noqa: E402
     read_archives,
     table_rows,
 )
-from rlrun.tracking.base import Alert, MetricPoint, TrackerContext  # noqa: E402
+from conftest import no_eos_alert  # noqa: E402
+from rlrun.tracking.base import MetricPoint, TrackerContext  # noqa: E402
 
 
 @pytest.fixture
@@ -38,11 +39,6 @@ def isolated_home(tmp_path, monkeypatch):
     yield home
     assert not any(home.rglob("*")), "nothing written to HOME"
     assert not any(real_tmp.rglob("*")), "nothing left in the temporary directory"
-
-
-def _alert(step: int, stop: bool = False) -> Alert:
-    return Alert(job="trainer", rule="no_eos", metric="completions/clipped_ratio", step=step, value=0.95,
-                 detail="(>= 0.9 for 10 steps)", hint="raise max_tokens", stop=stop, time=1_700_000_000.0 + step)  # fmt: skip
 
 
 def _metrics(step: int, offset: float = 0.0) -> dict[str, float]:
@@ -72,8 +68,8 @@ def test_roundtrip_across_a_restart(tmp_path, no_network, isolated_home):
     first.log_samples(samples, step=10)  # retried
     first.log_distribution("distributions/reward", [0.0, 0.25, 0.5, 1.0], step=10)
     first.log_distribution("distributions/reward", [0.0, 0.25, 0.5, 1.0], step=10)  # retried
-    first.log_alert(_alert(12))
-    first.log_alert(_alert(12))  # retried
+    first.log_alert(no_eos_alert(12))
+    first.log_alert(no_eos_alert(12))  # retried
     session = [p for p in (run_dir / "comet").iterdir() if p.name.startswith(f".{key}-")]
     assert len(session) == 1 and (session[0] / "messages.json").exists(), "the live session is under the run dir"
     first.finish()
@@ -92,8 +88,8 @@ def test_roundtrip_across_a_restart(tmp_path, no_network, isolated_home):
     second.log_samples([{"prompt": "later", "completion": "z", "reward": 0.5}], step=40)
     second.log_distribution("distributions/reward", [0.0, 0.25, 0.5, 1.0], step=10)  # had it
     second.log_distribution("distributions/reward", [1.0, 2.0, 3.0], step=40)
-    second.log_alert(_alert(12))  # had it
-    second.log_alert(_alert(41, stop=True))
+    second.log_alert(no_eos_alert(12))  # had it
+    second.log_alert(no_eos_alert(41, stop=True))
     second.finish()
     assert not (tmp_path / "elsewhere").exists(), "a resumed job writes where the run is"
 
@@ -152,7 +148,7 @@ def test_roundtrip_across_a_restart(tmp_path, no_network, isolated_home):
 
     texts = [m for m in uploads if m["payload"]["upload_type"] == "text-sample"]
     assert [(m["payload"]["additional_params"]["step"], m["data"].decode(), m["payload"]["metadata"]["level"])
-            for m in texts] == [(12, _alert(12).text(), "warning"), (41, _alert(41, stop=True).text(), "error")]  # fmt: skip
+            for m in texts] == [(12, no_eos_alert(12).text(), "warning"), (41, no_eos_alert(41, stop=True).text(), "error")]  # fmt: skip
     assert texts[1]["payload"]["metadata"]["rule"] == "no_eos" and texts[1]["payload"]["metadata"]["stop"] is True
 
     everything = b"".join(z.read_bytes() for z in zips).decode("latin-1")

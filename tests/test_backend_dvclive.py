@@ -17,7 +17,8 @@ from dvclive.serialize import load_yaml  # noqa: E402
 from dvclive.utils import parse_json, parse_tsv  # noqa: E402
 
 from rlrun.tracking.backends.dvclive import DvcliveBackend, DvcliveLoggerConfig  # noqa: E402
-from rlrun.tracking.base import Alert, MetricPoint, TrackerContext  # noqa: E402
+from conftest import no_eos_alert  # noqa: E402
+from rlrun.tracking.base import MetricPoint, TrackerContext  # noqa: E402
 from rlrun.tracking.names import DISTRIBUTION_STATS  # noqa: E402
 
 
@@ -41,11 +42,6 @@ def sandbox(tmp_path, monkeypatch):
     yield cwd
     assert sorted(p.name for p in cwd.iterdir()) == [".git"], "no .dvc / .dvcignore in the working directory"
     assert not any(home.rglob("*")), "nothing written to HOME"
-
-
-def _alert(step: int, stop: bool = False) -> Alert:
-    return Alert(job="trainer", rule="no_eos", metric="completions/clipped_ratio", step=step, value=0.95,
-                 detail="(>= 0.9 for 10 steps)", hint="raise max_tokens", stop=stop, time=1_700_000_000.0 + step)  # fmt: skip
 
 
 def _metrics(step: int, offset: float = 0.0) -> dict[str, float]:
@@ -77,7 +73,7 @@ def test_roundtrip_across_a_restart(tmp_path, no_network, sandbox):
     first.log_samples([{"prompt": "p20-0", "completion": "z", "reward": 0.5}, {"prompt": "p20-1", "completion": "", "reward": 0.25}], 20)
     first.log_distribution("distributions/reward", [0.0, 0.25, 0.5, 1.0], step=10)
     first.log_distribution("distributions/reward", [0.0, 0.25, 0.5, 1.0], step=10)  # retried
-    first.log_alert(_alert(12))
+    first.log_alert(no_eos_alert(12))
     first.finish()
 
     # The job restarts from its step-24 checkpoint: steps 25..30 come again, with other values.
@@ -89,7 +85,7 @@ def test_roundtrip_across_a_restart(tmp_path, no_network, sandbox):
     second.log_samples([{"prompt": "again", "completion": "", "reward": 0.0}], step=20)  # the table has step 20
     second.log_samples([{"prompt": "p40", "completion": "w", "reward": 0.75}], step=40)
     second.log_distribution("distributions/reward", [1.0, 2.0, 3.0], step=40)
-    second.log_alert(_alert(41, stop=True))
+    second.log_alert(no_eos_alert(41, stop=True))
     second.finish()
     second.finish()  # idempotent
     assert not (tmp_path / "other").exists()
@@ -112,7 +108,7 @@ def test_roundtrip_across_a_restart(tmp_path, no_network, sandbox):
     assert summary["rewards"]["lcs"]["mean"] == 15.0 and summary["eval"]["pass@4"] == 0.5
     assert summary["time"] == {"step_": 0.125}
     assert summary["distributions"]["reward"]["max"] == 3.0
-    assert summary["alerts"]["trainer"]["no_eos"] == _alert(41, stop=True).text(), "the newest finding per rule"
+    assert summary["alerts"]["trainer"]["no_eos"] == no_eos_alert(41, stop=True).text(), "the newest finding per rule"
 
     params = load_yaml(run_dir / "params.yaml")
     assert params == {"trainer.lr": 0.003, "name": "exp", "logger.wandb.api_key": "<redacted>", "tags": "['a']",

@@ -24,7 +24,8 @@ from swanlab.proto.swanlab.run.v1.run_pb2 import ResumeMode, RunState  # noqa: E
 from swanlab.sdk.internal.core_python.store import DataStoreReader  # noqa: E402
 
 from rlrun.tracking.backends.swanlab import SwanlabBackend, SwanlabLoggerConfig  # noqa: E402
-from rlrun.tracking.base import Alert, MetricPoint, TrackerContext  # noqa: E402
+from conftest import no_eos_alert  # noqa: E402
+from rlrun.tracking.base import MetricPoint, TrackerContext  # noqa: E402
 from rlrun.tracking.names import DISTRIBUTION_STATS  # noqa: E402
 
 NAMES = ("loss", "rewards/lcs/mean", "eval/pass@4", "time/step")
@@ -32,11 +33,6 @@ NAMES = ("loss", "rewards/lcs/mean", "eval/pass@4", "time/step")
 
 def _value(name: str, step: int) -> float:
     return NAMES.index(name) * 1000.0 + step / 8
-
-
-def _alert(step: int, stop: bool = False) -> Alert:
-    return Alert(job="trainer", rule="no_eos", metric="completions/clipped_ratio", step=step, value=0.95,
-                 detail="(>= 0.9 for 10 steps)", hint="completions hit max_tokens", stop=stop, time=time.time())  # fmt: skip
 
 
 @pytest.fixture
@@ -126,7 +122,7 @@ def test_swanlab_roundtrip_across_a_restart(tmp_path, offline):
         first.log_samples([{"prompt": "later", "reward": 0.5}], step=7)
         first.log_distribution("rewards/per_sample", [0.0, 0.5, 0.5, 1.0], step=3)
         first.log_distribution("rewards/per_sample", [1.0, 2.0, 3.0], step=7)
-        first.log_alert(_alert(12))
+        first.log_alert(no_eos_alert(12))
         first.finish()
         first.finish()  # idempotent
 
@@ -142,8 +138,8 @@ def test_swanlab_roundtrip_across_a_restart(tmp_path, offline):
         second.log_metrics([MetricPoint(s, {n: -_value(n, s) if s <= 30 else _value(n, s) for n in NAMES}, time.time())
                             for s in range(25, 61)])  # fmt: skip
         second.log_distribution("rewards/per_sample", [9.0], step=7)  # a replay: already there
-        second.log_alert(_alert(12))  # a replay: already there
-        second.log_alert(_alert(40, stop=True))
+        second.log_alert(no_eos_alert(12))  # a replay: already there
+        second.log_alert(no_eos_alert(40, stop=True))
         second.finish()
 
     _on_writer_thread(second_attempt)
@@ -196,7 +192,7 @@ def test_swanlab_roundtrip_across_a_restart(tmp_path, offline):
     assert "rewards/per_sample" not in {m.key for m in _of(runs[1], "media")}, "the replayed step-7 chart was skipped"
 
     alerts = {**_media(run_dirs[0], first_run, "alerts/no_eos"), **_media(run_dirs[1], runs[1], "alerts/no_eos")}
-    assert alerts == {12: (_alert(12).text(), "trainer: no_eos"), 40: (_alert(40, stop=True).text(), "trainer: no_eos")}
+    assert alerts == {12: (no_eos_alert(12).text(), "trainer: no_eos"), 40: (no_eos_alert(40, stop=True).text(), "trainer: no_eos")}
     assert len(_media(run_dirs[1], runs[1], "alerts/no_eos")) == 1, "the replayed alert was not logged again"
 
     assert not offline, "no connection attempted"

@@ -16,7 +16,8 @@ import pytest
 pytest.importorskip("trackio")
 
 from rlrun.tracking.backends.trackio import SAMPLES_KEY, TrackioBackend, TrackioLoggerConfig, trackio_dir  # noqa: E402
-from rlrun.tracking.base import Alert, MetricPoint, TrackerContext  # noqa: E402
+from conftest import no_eos_alert  # noqa: E402
+from rlrun.tracking.base import MetricPoint, TrackerContext  # noqa: E402
 
 PROJECT = "rlrun-test"
 
@@ -52,11 +53,6 @@ def _read(directory: Path, project: str = PROJECT) -> dict[str, dict]:
         }
 
 
-def _alert(step: int, stop: bool = False) -> Alert:
-    return Alert(job="trainer", rule="no_eos", metric="completions/clipped_ratio", step=step, value=0.95,
-                 detail="(>= 0.9 for 10 steps)", hint="raise max_tokens", stop=stop, time=1_700_000_000.0 + step)  # fmt: skip
-
-
 def _metrics(step: int, offset: float = 0.0) -> dict[str, float]:
     return {"loss": 1.0 / step + offset, "rewards/lcs/mean": step * 0.25, "eval/pass@4": 0.5, "time/step": 0.125, "time": 7.0}
 
@@ -79,8 +75,8 @@ def test_roundtrip_across_a_restart(tmp_path, no_network, isolated_home):
     first.log_samples(samples, step=10)
     first.log_samples(samples, step=10)  # retried
     first.log_distribution("distributions/reward", [0.0, 0.25, 0.5, 1.0], step=10)
-    first.log_alert(_alert(12))
-    first.log_alert(_alert(12))  # retried
+    first.log_alert(no_eos_alert(12))
+    first.log_alert(no_eos_alert(12))  # retried
     first.finish()
 
     # The job restarts from its step-24 checkpoint: steps 25..30 come again, with other values.
@@ -92,7 +88,7 @@ def test_roundtrip_across_a_restart(tmp_path, no_network, isolated_home):
     second.log_samples([{"prompt": "again", "completion": "", "reward": 0.0}], step=28)  # the run has step 28
     second.log_samples([{"prompt": "later", "completion": "z", "reward": 0.5}], step=40)
     second.log_distribution("distributions/reward", [1.0, 2.0, 3.0], step=40)
-    second.log_alert(_alert(41, stop=True))
+    second.log_alert(no_eos_alert(41, stop=True))
     second.finish()
     second.finish()  # idempotent
 
@@ -129,7 +125,7 @@ def test_roundtrip_across_a_restart(tmp_path, no_network, isolated_home):
 
     alerts = sorted(run["alerts"], key=lambda a: a["step"])
     assert [(a["step"], a["level"], a["title"]) for a in alerts] == [(12, "warn", "trainer: no_eos"), (41, "error", "trainer: no_eos")]
-    assert alerts[0]["text"] == _alert(12).text()
+    assert alerts[0]["text"] == no_eos_alert(12).text()
 
     assert no_network == [], "no connection and no DNS lookup"
     assert {p.name for p in (run_dir / "trackio").iterdir()} <= {f"{PROJECT}.db", f"{PROJECT}.lock", f"{PROJECT}.db-wal", f"{PROJECT}.db-shm"}
