@@ -132,6 +132,15 @@ def first_step_s(run: dict) -> float:
     return run["trainer"][0]["time"] - run["start"]
 
 
+def wandb_records(run_file: str | Path) -> list[dict]:
+    """The records of an offline W&B run's `run-<id>.wandb`, read with `wandb leet inspect --json`
+    (wandb-core's reader), as the tests read them."""
+    out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_file)],
+                         capture_output=True, text=True, timeout=300, check=True,
+                         env={**os.environ, "WANDB_MODE": "offline"})  # fmt: skip
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
 def write_json(name: str, data: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

@@ -35,7 +35,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, RL_STAGE, ROOT, machine, read_metrics, table, write_json  # noqa: E402
+from _common import RESULTS, RL_STAGE, ROOT, machine, read_metrics, table, wandb_records, write_json  # noqa: E402
 
 JOBS = ("inference", "orchestrator", "trainer", "zygote")
 PRUNED = ("rollouts", "weights", "checkpoints", "exports")
@@ -112,9 +112,6 @@ def read_back(run_dir: Path, uri: str) -> dict:
     from mlflow import MlflowClient
     from omegaconf import OmegaConf
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import wandb_records
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
     client = MlflowClient(uri)

@@ -67,6 +67,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import wandb_records  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "tracker.json"
 JOB = "bench"
@@ -409,13 +412,8 @@ def tensorboard_lost(log_dir: Path, names: list[str], steps: int) -> int:
 
 def wandb_lost(root: Path, run_id: str, names: list[str], steps: int) -> int:
     (run_dir,) = (root / "wandb").glob(f"offline-run-*-{run_id}")
-    out = subprocess.run(
-        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir / f"run-{run_id}.wandb")],
-        capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"}, timeout=300, check=True,
-    )  # fmt: skip
     seen = set()
-    for line in out.stdout.splitlines():
-        record = json.loads(line) if line.strip() else {}
+    for record in wandb_records(run_dir / f"run-{run_id}.wandb"):
         if record.get("type") == "history":
             step = int(record["history"]["step"].get("num", 0))
             item = record["history"]["item"]
