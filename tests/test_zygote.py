@@ -110,3 +110,13 @@ def test_a_run_forks_its_jobs_from_the_zygote_unless_told_not_to(tmp_path, prelo
     assert all(("forked from the zygote" in line) == preload for line in started), started
     assert [r["step"] for r in metrics(run_dir, "trainer")] == [1, 2]
     assert (run_dir / "model" / "config.json").is_file() and not (run_dir / ".model.lock").exists()
+
+
+@pytest.mark.parametrize("overrides, preloaded", [
+    ([], True), (["trainer.device=cuda"], False), (["inference.device=cuda"], False), (["inference=vllm"], False),
+])  # fmt: skip
+def test_runs_that_touch_cuda_start_no_zygote(hydra_compose, overrides, preloaded):
+    """A forked child cannot use a CUDA its parent may have initialised: GPU runs fork nothing."""
+    from rlrun.launcher.run import _cpu_only
+
+    assert _cpu_only(hydra_compose(*overrides)) is preloaded
