@@ -219,12 +219,7 @@ class Supervisor:
         assert job.proc is not None
         try:
             os.killpg(job.proc.pid, sig)  # the session id is the leader's pid
-        except ProcessLookupError:  # a job just forked may not have its own session yet
-            try:
-                os.kill(job.proc.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        except PermissionError:
+        except (ProcessLookupError, PermissionError):
             pass
 
 

@@ -149,9 +149,16 @@ def _serve() -> dict[str, Any] | None:
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)
                 request = json.loads(line)
+                ready_r, ready_w = os.pipe()
                 pid = os.fork()
                 if pid == 0:
+                    os.close(ready_r)
+                    os.setsid()  # like start_new_session=True: stopping the job's group reaches all it starts
+                    os.close(ready_w)
                     return request
+                os.close(ready_w)
+                os.read(ready_r, 1)  # end of file once the child has its own session: only then is its pid
+                os.close(ready_r)  # reported, so a signal to its process group can never miss it
                 running.add(pid)
                 _reply({"pid": pid})
         while running:
@@ -168,10 +175,9 @@ def _reply(msg: dict[str, Any]) -> None:
 
 
 def _become(request: dict[str, Any]) -> None:
-    """In the forked child: its own session, its log as stdout/stderr, then the job's module."""
+    """In the forked child (already in its own session): its log as stdout/stderr, then the job's module."""
     import runpy
 
-    os.setsid()  # like start_new_session=True: stopping the job's group reaches all it starts
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     fd = os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
