@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -113,7 +114,7 @@ def bare_run(steps: int, threads: int) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--bare-only", f"--steps={steps}", f"--threads={threads}"],
                           cwd=ROOT, check=True, capture_output=True, text=True)  # fmt: skip
     out = json.loads(proc.stdout.splitlines()[-1])
-    out["machine_before"], out["loadavg_1m_after"] = before, __import__("os").getloadavg()[0]
+    out["machine_before"], out["loadavg_1m_after"] = before, os.getloadavg()[0]
     return out
 
 

@@ -157,6 +157,8 @@ class MlflowBackend(Backend):
         MLflow's own log_table reads that tag on every call: once the list outgrew the limit
         the stored value was cut and every later call failed on the cut JSON, so a long run with
         sample tables stalled this backend for good. Later tables are still files under samples/."""
+        if self._table_list_full:  # no need to read the run again
+            return
         tags = self._client.get_run(self.run_id).data.tags
         try:
             logged = json.loads(tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
@@ -167,10 +169,9 @@ class MlflowBackend(Backend):
             return
         value = json.dumps([*logged, entry])
         if len(value) > MLFLOW_TAG_LIMIT:
-            if not self._table_list_full:
-                log.warning("mlflow: the run's table list (tag %s) is full at %d tables; later sample tables are "
-                            "logged as JSON files under samples/ without it", MLFLOW_LOGGED_ARTIFACTS, len(logged))  # fmt: skip
-                self._table_list_full = True
+            log.warning("mlflow: the run's table list (tag %s) is full at %d tables; later sample tables are "
+                        "logged as JSON files under samples/ without it", MLFLOW_LOGGED_ARTIFACTS, len(logged))  # fmt: skip
+            self._table_list_full = True
             return
         self._client.set_tag(self.run_id, MLFLOW_LOGGED_ARTIFACTS, value)
 
